@@ -1,0 +1,435 @@
+//! The channel between the master and one worker: an `AF_UNIX` stream socketpair carrying
+//! newline-framed JSON (Node's `json` IPC serialization), with file descriptors attached
+//! by `SCM_RIGHTS`.
+//!
+//! One task per worker owns the master's end, reads with `recvmsg` (room for a few fds),
+//! and writes queued lines, attaching an fd to the first `sendmsg` of its line as libuv
+//! does. Received fds are matched to messages the way Node matches them: the first fd
+//! waiting goes to the first `NODE_HANDLE` message that finishes parsing after it arrived.
+//!
+//! The invariant: a worker can only hurt its own channel. A line over [`MAX_LINE`],
+//! invalid JSON, or fds piling up with no message to claim them close the channel and are
+//! reported once as a [`Violation`]; the master carries on.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use serde_json::Value;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+/// The longest line a worker may send.
+pub const MAX_LINE: usize = 1 << 20;
+/// Fds that may wait for their `NODE_HANDLE` message before the worker is cut off.
+pub const MAX_PENDING_FDS: usize = 4;
+
+/// Creates the pair: `(master_end, worker_end)`, both close-on-exec; the master's end is
+/// non-blocking. The worker's end is placed at a fixed fd by `spawn`, which clears its
+/// close-on-exec flag there; the master drops its copy after the fork so that a worker's
+/// exit is seen as EOF.
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    crate::spawn::set_nonblocking(&a, true)?;
+    Ok((a, b))
+}
+
+/// Why a channel was cut off.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("sent a line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("sent invalid JSON")]
+    InvalidJson(#[source] serde_json::Error),
+    #[error("sent file descriptors without a NODE_HANDLE message to carry them")]
+    UnexpectedFds,
+    #[error("channel read failed")]
+    Io(#[source] io::Error),
+}
+
+impl Violation {
+    /// A short stable label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Violation::LineTooLong => "line_too_long",
+            Violation::InvalidJson(_) => "invalid_json",
+            Violation::UnexpectedFds => "unexpected_fds",
+            Violation::Io(_) => "io_error",
+        }
+    }
+}
+
+/// What the channel task reports.
+#[derive(Debug)]
+pub enum Incoming {
+    /// One message, with the fd that Node's rules attach to it.
+    Message(Value, Option<OwnedFd>),
+    /// The channel is closed: by the worker (`None`) or cut off by us.
+    Closed(Option<Violation>),
+}
+
+/// A line to send, with at most one fd.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub line: Vec<u8>,
+    pub fd: Option<OwnedFd>,
+}
+
+impl Outgoing {
+    /// Serialises `value` as one line. `serde_json` never emits a raw newline, so the
+    /// framing cannot break.
+    pub fn json(value: &Value, fd: Option<OwnedFd>) -> Outgoing {
+        let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+        line.push(b'\n');
+        Outgoing { line, fd }
+    }
+}
+
+/// The master's handle for sending on one channel. Sending never blocks; dropping every
+/// clone closes the master's end after queued lines are written.
+#[derive(Debug, Clone)]
+pub struct Sender(mpsc::UnboundedSender<Outgoing>);
+
+impl Sender {
+    /// Queues a message. Returns false (and drops any fd) if the channel is closed.
+    pub fn send(&self, msg: Outgoing) -> bool {
+        self.0.send(msg).is_ok()
+    }
+}
+
+/// Splits bytes into JSON values and pairs received fds with `NODE_HANDLE` messages.
+/// Pure: the fuzz and property tests drive it directly.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Decoder {
+    pub fn push_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Result<(), Violation> {
+        self.fds.extend(fds);
+        if self.fds.len() > MAX_PENDING_FDS {
+            return Err(Violation::UnexpectedFds);
+        }
+        Ok(())
+    }
+
+    /// Appends bytes and returns every complete message.
+    pub fn push_bytes(&mut self, data: &[u8]) -> Result<Vec<(Value, Option<OwnedFd>)>, Violation> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let line_bytes: &[u8] = if self.buf.is_empty() {
+                &rest[..nl]
+            } else {
+                if self.buf.len() + nl > MAX_LINE {
+                    return Err(Violation::LineTooLong);
+                }
+                self.buf.extend_from_slice(&rest[..nl]);
+                &self.buf
+            };
+            if line_bytes.len() > MAX_LINE {
+                return Err(Violation::LineTooLong);
+            }
+            let value: Value =
+                serde_json::from_slice(line_bytes).map_err(Violation::InvalidJson)?;
+            self.buf.clear();
+            let fd = if is_handle(&value) {
+                self.fds.pop_front()
+            } else {
+                None
+            };
+            out.push((value, fd));
+            rest = &rest[nl + 1..];
+        }
+        if self.buf.len() + rest.len() > MAX_LINE {
+            return Err(Violation::LineTooLong);
+        }
+        self.buf.extend_from_slice(rest);
+        Ok(out)
+    }
+}
+
+fn is_handle(v: &Value) -> bool {
+    v.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE")
+}
+
+/// Starts the task that owns the master's end of a channel. Everything it reads goes to
+/// `events`, wrapped by `wrap`; it ends after reporting `Closed`.
+pub fn start<E: Send + 'static>(
+    fd: OwnedFd,
+    events: mpsc::Sender<E>,
+    wrap: impl Fn(Incoming) -> E + Send + Sync + 'static,
+) -> io::Result<Sender> {
+    let fd = crate::unix::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let reason = run(fd, rx, &events, &wrap).await;
+        let _ = events.send(wrap(Incoming::Closed(reason))).await;
+    });
+    Ok(Sender(tx))
+}
+
+async fn run<E>(
+    fd: AsyncFd<OwnedFd>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    events: &mpsc::Sender<E>,
+    wrap: &impl Fn(Incoming) -> E,
+) -> Option<Violation> {
+    let mut decoder = Decoder::default();
+    let mut queue: VecDeque<Outgoing> = VecDeque::new();
+    // Bytes of the queue's front line already written.
+    let mut written = 0usize;
+    let mut senders_gone = false;
+    loop {
+        if senders_gone && queue.is_empty() {
+            // The master dropped the channel: close our end so the worker sees EOF.
+            return None;
+        }
+        tokio::select! {
+            biased;
+            got = rx.recv(), if !senders_gone => match got {
+                Some(msg) => {
+                    queue.push_back(msg);
+                    // Opportunistic write: most lines go out without waiting.
+                    if let Err(e) = flush(&fd, &mut queue, &mut written) {
+                        return Some(Violation::Io(e));
+                    }
+                }
+                None => senders_gone = true,
+            },
+            guard = fd.writable(), if !queue.is_empty() => {
+                let Ok(mut guard) = guard else { return Some(Violation::Io(io::Error::other("poll failed"))) };
+                match flush(&fd, &mut queue, &mut written) {
+                    Ok(()) => {
+                        if !queue.is_empty() {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(e) => return Some(Violation::Io(e)),
+                }
+            }
+            guard = fd.readable() => {
+                let Ok(mut guard) = guard else { return Some(Violation::Io(io::Error::other("poll failed"))) };
+                match read_some(fd.get_ref().as_raw_fd()) {
+                    Ok(Read::WouldBlock) => guard.clear_ready(),
+                    Ok(Read::Eof) => return None,
+                    Ok(Read::Data(bytes, fds)) => {
+                        if let Err(v) = decoder.push_fds(fds) {
+                            return Some(v);
+                        }
+                        match decoder.push_bytes(&bytes) {
+                            Ok(msgs) => {
+                                for (value, fd) in msgs {
+                                    if events.send(wrap(Incoming::Message(value, fd))).await.is_err() {
+                                        return None;
+                                    }
+                                }
+                            }
+                            Err(v) => return Some(v),
+                        }
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return None,
+                    Err(e) => return Some(Violation::Io(e)),
+                }
+            }
+        }
+    }
+}
+
+enum Read {
+    Data(Vec<u8>, Vec<OwnedFd>),
+    Eof,
+    WouldBlock,
+}
+
+fn read_some(fd: RawFd) -> io::Result<Read> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+    let (n, fds) = loop {
+        match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            for r in raw {
+                                // SAFETY: the kernel just installed this fd for us.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                            }
+                        }
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(Read::WouldBlock),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if n == 0 && fds.is_empty() {
+        return Ok(Read::Eof);
+    }
+    buf.truncate(n);
+    Ok(Read::Data(buf, fds))
+}
+
+/// Writes as much of the queue as the socket takes. The fd rides on the first `sendmsg` of
+/// its line; a partial write sends the rest without it.
+fn flush(
+    fd: &AsyncFd<OwnedFd>,
+    queue: &mut VecDeque<Outgoing>,
+    written: &mut usize,
+) -> io::Result<()> {
+    let raw = fd.get_ref().as_raw_fd();
+    while let Some(front) = queue.front_mut() {
+        let data = &front.line[*written..];
+        let iov = [IoSlice::new(data)];
+        let result = match front.fd.as_ref() {
+            Some(pass) if *written == 0 => {
+                let fds = [pass.as_raw_fd()];
+                sendmsg::<()>(
+                    raw,
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+            }
+            _ => sendmsg::<()>(raw, &iov, &[], MsgFlags::MSG_NOSIGNAL, None),
+        };
+        match result {
+            Ok(n) => {
+                *written += n;
+                if *written >= front.line.len() {
+                    // The kernel holds its own reference to a passed fd from here on, so
+                    // our copy can close now (NODE-IPC.md §5, pitfall 2).
+                    queue.pop_front();
+                    *written = 0;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dummy_fd() -> OwnedFd {
+        let (a, _b) = pair().unwrap();
+        a
+    }
+
+    #[test]
+    fn lines_split_across_reads() {
+        let mut d = Decoder::default();
+        assert!(d.push_bytes(b"{\"a\":").unwrap().is_empty());
+        let got = d.push_bytes(b"1}\n42\n[").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, json!({"a": 1}));
+        assert_eq!(got[1].0, json!(42));
+        let got = d.push_bytes(b"]\n").unwrap();
+        assert_eq!(got[0].0, json!([]));
+    }
+
+    #[test]
+    fn an_fd_goes_to_the_first_handle_message_after_it() {
+        let mut d = Decoder::default();
+        d.push_fds([dummy_fd()]).unwrap();
+        let got = d
+            .push_bytes(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":1}\n")
+            .unwrap();
+        assert!(got[0].1.is_none());
+        assert!(got[1].1.is_some());
+    }
+
+    #[test]
+    fn bad_input_is_a_violation() {
+        assert!(matches!(
+            Decoder::default().push_bytes(b"{nope}\n"),
+            Err(Violation::InvalidJson(_))
+        ));
+        assert!(matches!(
+            Decoder::default().push_bytes(b"\n"),
+            Err(Violation::InvalidJson(_))
+        ));
+        let big = vec![b' '; MAX_LINE + 1];
+        assert!(matches!(
+            Decoder::default().push_bytes(&big),
+            Err(Violation::LineTooLong)
+        ));
+        let mut d = Decoder::default();
+        assert!(
+            d.push_fds((0..=MAX_PENDING_FDS).map(|_| dummy_fd()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_long_line_in_pieces_is_caught_before_it_is_kept() {
+        let mut d = Decoder::default();
+        let piece = vec![b'1'; 64 * 1024];
+        let mut caught = false;
+        for _ in 0..20 {
+            if d.push_bytes(&piece).is_err() {
+                caught = true;
+                break;
+            }
+        }
+        assert!(caught);
+        assert!(d.buf.len() <= MAX_LINE);
+    }
+
+    #[tokio::test]
+    async fn messages_and_fds_cross_a_real_socketpair() {
+        let (master, worker) = pair().unwrap();
+        let (events_tx, mut events) = mpsc::channel(16);
+        let sender = start(master, events_tx, |i| i).unwrap();
+        // The "worker" end speaks the same protocol through a second channel task.
+        crate::spawn::set_nonblocking(&worker, true).unwrap();
+        let (wtx, mut wevents) = mpsc::channel(16);
+        let wsender = start(worker, wtx, |i| i).unwrap();
+        let (x, _y) = pair().unwrap();
+        assert!(sender.send(Outgoing::json(
+            &json!({"cmd":"NODE_HANDLE","type":"net.Native","msg":{"n":1}}),
+            Some(x)
+        )));
+        match wevents.recv().await.unwrap() {
+            Incoming::Message(v, fd) => {
+                assert_eq!(v["msg"]["n"], 1);
+                assert!(fd.is_some());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(wsender.send(Outgoing::json(&json!({"cmd":"NODE_HANDLE_ACK"}), None)));
+        match events.recv().await.unwrap() {
+            Incoming::Message(v, fd) => {
+                assert_eq!(v["cmd"], "NODE_HANDLE_ACK");
+                assert!(fd.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        drop(wsender);
+        assert!(matches!(
+            events.recv().await.unwrap(),
+            Incoming::Closed(None)
+        ));
+    }
+}

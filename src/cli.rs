@@ -1,0 +1,337 @@
+//! Command-line parsing: `processes run` and the client subcommands.
+//!
+//! Flags go through the same parsers as the config file (`config`), so a bad value gives
+//! the same message whichever way it came in; here the field is named by its flag
+//! (`--autoscale: min (4) is above max (2)`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    self, AppName, AppSpec, BackoffParams, Config, Dispatch, ListenAddr, RestartPolicy, Runtime,
+    Sizing,
+};
+use crate::errors::ConfigError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "processes",
+    version,
+    about = "A cluster master: runs pools of workers, owns their sockets, restarts what crashes.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a master: one app from the command line, or every app in a config file.
+    Run(RunArgs),
+    /// Show apps and workers of a running master.
+    Status(StatusArgs),
+    /// Set an app's number of workers.
+    Scale(ScaleArgs),
+    /// Replace an app's workers one batch at a time, without dropping connections.
+    Reload(ReloadArgs),
+    /// Stop a running master and all its workers.
+    Stop(Target),
+}
+
+/// Which running master a client command talks to.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Target {
+    /// The master's name (its `run --name`).
+    #[arg(long, global = true)]
+    pub name: Option<String>,
+    /// The master's control socket path.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this app.
+    pub app: Option<String>,
+    /// Print JSON (the format is documented in README.md).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    pub app: String,
+    /// The number of workers.
+    pub n: usize,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Only this app (default: every app).
+    pub app: Option<String>,
+    /// Workers replaced at a time.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A fixed number of workers.
+    #[arg(short = 'i', long, value_name = "N")]
+    pub instances: Option<i64>,
+    /// Size the pool between these bounds, e.g. min=2,max=16.
+    #[arg(long, value_name = "min=A,max=B")]
+    pub autoscale: Option<String>,
+    /// The app's name (default: from the command); also names the master.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Working directory for the workers.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// An environment variable for the workers (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// An address to listen on (repeatable): HOST:PORT, :PORT, [::]:PORT or a socket path.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Time between SIGTERM and SIGKILL when stopping a worker.
+    #[arg(long, value_name = "DURATION")]
+    pub grace: Option<String>,
+    /// When to restart a worker that exited: always, on-failure or never.
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
+    /// A worker that does not notify readiness counts as ready after this much uptime.
+    #[arg(long, value_name = "DURATION")]
+    pub ready_after: Option<String>,
+    /// How connections reach workers: round-robin, least-loaded or shared.
+    #[arg(long, value_name = "MODE")]
+    pub dispatch: Option<String>,
+    /// node or generic (default: node when the command is node).
+    #[arg(long, value_name = "RUNTIME")]
+    pub runtime: Option<String>,
+    /// Run every app in this file instead of a command.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Control socket path (default: under $XDG_RUNTIME_DIR/processes/).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+const ORIGIN: &str = "command line";
+
+fn err(field: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::new(ORIGIN, field, msg)
+}
+
+impl RunArgs {
+    /// The master's name: `--name`, else the app's name, else the config file's stem.
+    pub fn master_name(&self, config: &Config) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        match &self.config {
+            Some(f) => f
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("processes")
+                .to_string(),
+            None => config
+                .apps
+                .first()
+                .map(|a| a.name.to_string())
+                .unwrap_or_else(|| "processes".into()),
+        }
+    }
+
+    /// Turns the flags (or the file they name) into a validated config.
+    pub fn to_config(&self) -> Result<Config, crate::errors::StartError> {
+        if let Some(file) = &self.config {
+            let app_flags: [(&str, bool); 11] = [
+                ("-i/--instances", self.instances.is_some()),
+                ("--autoscale", self.autoscale.is_some()),
+                ("--cwd", self.cwd.is_some()),
+                ("--env", !self.env.is_empty()),
+                ("--listen", !self.listen.is_empty()),
+                ("--grace", self.grace.is_some()),
+                ("--restart", self.restart.is_some()),
+                ("--ready-after", self.ready_after.is_some()),
+                ("--dispatch", self.dispatch.is_some()),
+                ("--runtime", self.runtime.is_some()),
+                ("COMMAND", !self.command.is_empty()),
+            ];
+            if let Some((flag, _)) = app_flags.iter().find(|(_, set)| *set) {
+                return Err(err(
+                    flag,
+                    "cannot be combined with -c/--config; set it for the app in the file",
+                )
+                .into());
+            }
+            return config::load_file(file);
+        }
+        Ok(self.app_from_flags()?)
+    }
+
+    fn app_from_flags(&self) -> Result<Config, ConfigError> {
+        if self.command.is_empty() {
+            return Err(err(
+                "COMMAND",
+                "missing; give the program after `--` (e.g. `processes run -i 4 -- node server.js`) or a config file with -c",
+            ));
+        }
+        let name = match &self.name {
+            Some(n) => AppName::parse(n).map_err(|m| err("--name", m))?,
+            None => AppName::parse(&config::default_name(&self.command))
+                .map_err(|m| err("--name", m))?,
+        };
+        if let Some(cwd) = &self.cwd {
+            config::check_cwd(cwd).map_err(|m| err("--cwd", m))?;
+        }
+        config::check_command(&self.command, self.cwd.as_deref()).map_err(|m| err("COMMAND", m))?;
+        let sizing = match (self.instances, &self.autoscale) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "--autoscale",
+                    "cannot be combined with -i/--instances; keep one",
+                ));
+            }
+            (Some(n), None) => {
+                Sizing::Fixed(config::check_instances(n).map_err(|m| err("-i/--instances", m))?)
+            }
+            (None, Some(s)) => {
+                let (min, max) = config::parse_autoscale(s).map_err(|(sub, m)| {
+                    if sub.is_empty() {
+                        err("--autoscale", m)
+                    } else {
+                        err("--autoscale", format!("{sub} {m}"))
+                    }
+                })?;
+                Sizing::Auto { min, max }
+            }
+            (None, None) => Sizing::Fixed(1),
+        };
+        let mut env = BTreeMap::new();
+        for e in &self.env {
+            let (k, v) = config::parse_env_pair(e).map_err(|m| err("--env", m))?;
+            env.insert(k, v);
+        }
+        let mut listen = Vec::new();
+        for l in &self.listen {
+            let addr = ListenAddr::parse(l).map_err(|m| err("--listen", m))?;
+            if listen.contains(&addr) {
+                return Err(err("--listen", format!("`{l}` is given twice")));
+            }
+            listen.push(addr);
+        }
+        let duration =
+            |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => config::parse_duration(s).map_err(|m| err(field, m)),
+                }
+            };
+        let grace = duration("--grace", &self.grace, config::DEFAULT_GRACE)?;
+        let ready_after = duration(
+            "--ready-after",
+            &self.ready_after,
+            config::DEFAULT_READY_AFTER,
+        )?;
+        let restart = match &self.restart {
+            None => RestartPolicy::Always,
+            Some(s) => match s.as_str() {
+                "always" => RestartPolicy::Always,
+                "on-failure" => RestartPolicy::OnFailure,
+                "never" => RestartPolicy::Never,
+                _ => {
+                    return Err(err(
+                        "--restart",
+                        format!("`{s}` is not a restart policy; use always, on-failure or never"),
+                    ));
+                }
+            },
+        };
+        let dispatch = match &self.dispatch {
+            None => None,
+            Some(s) => Some(Dispatch::parse(s).map_err(|m| err("--dispatch", m))?),
+        };
+        let runtime = match self.runtime.as_deref() {
+            None if config::looks_like_node(&self.command) => Runtime::Node,
+            None => Runtime::Generic,
+            Some("node") => Runtime::Node,
+            Some("generic") => Runtime::Generic,
+            Some(s) => {
+                return Err(err(
+                    "--runtime",
+                    format!("`{s}` is not a runtime; use node or generic"),
+                ));
+            }
+        };
+        Ok(Config {
+            apps: vec![AppSpec {
+                name,
+                command: self.command.clone(),
+                cwd: self.cwd.clone(),
+                env,
+                sizing,
+                listen,
+                grace,
+                restart,
+                backoff: BackoffParams::default(),
+                ready_after,
+                dispatch,
+                runtime,
+            }],
+            file: None,
+        })
+    }
+}
+
+impl Target {
+    /// The control socket to talk to: `--control`, else `--name`'s default path, else the
+    /// only master running for this user.
+    pub fn resolve(&self) -> Result<PathBuf, crate::errors::ClientError> {
+        if let Some(p) = &self.control {
+            return Ok(p.clone());
+        }
+        if let Some(n) = &self.name {
+            return Ok(crate::control::default_path(n));
+        }
+        let probe = crate::control::default_path("x");
+        let dir = probe.parent().map(PathBuf::from).unwrap_or_default();
+        let mut live: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+            .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+            .collect();
+        live.sort();
+        match live.len() {
+            1 => Ok(live.remove(0)),
+            0 => Err(crate::errors::ClientError::Refused(format!(
+                "no running master found in {}; start one with `processes run`, or pass --name or --control",
+                dir.display()
+            ))),
+            _ => Err(crate::errors::ClientError::Refused(format!(
+                "several masters run ({}); choose one with --name",
+                live.iter()
+                    .filter_map(|p| p.file_stem().and_then(|s| s.to_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}

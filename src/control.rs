@@ -1,0 +1,251 @@
+//! The control socket: how `processes status`, `scale`, `reload` and `stop` talk to a
+//! running master.
+//!
+//! A unix stream socket in a 0700 directory, itself 0600, and every connection's peer
+//! credentials checked: only the master's own uid (and root) are served. One request per
+//! connection, one JSON line each way, versioned (`"v": 1`) and size-capped; a client
+//! that is slow, oversize or speaks garbage gets an error reply or a closed connection,
+//! never the master's attention for more than a bounded time.
+
+use std::io::{self, BufRead, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::errors::{ClientError, StartError};
+use crate::master::Event;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest request accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// A client has this long to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client may ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status {
+        #[serde(default)]
+        app: Option<String>,
+    },
+    Scale {
+        app: String,
+        n: usize,
+    },
+    Reload {
+        #[serde(default)]
+        app: Option<String>,
+        #[serde(default)]
+        batch: Option<usize>,
+    },
+    Stop,
+}
+
+/// The master's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl Reply {
+    pub fn ok(data: Value) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            data,
+        }
+    }
+    pub fn error(msg: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(msg.into()),
+            data: Value::Null,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    req: Value,
+}
+
+/// `$XDG_RUNTIME_DIR/processes/NAME.sock`, else `~/.processes/NAME.sock`.
+pub fn default_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("processes"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".processes")))
+        .unwrap_or_else(|| PathBuf::from("/tmp/processes"));
+    dir.join(format!("{name}.sock"))
+}
+
+/// Binds the control socket. A live socket at the path means another master of that
+/// name runs: an error. A dead one is replaced.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
+    let setup = |source: io::Error| StartError::Setup {
+        what: "the control socket",
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(setup)?;
+        // Only we may even look inside.
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::Control(format!(
+                "a master already runs with control socket {}; give this one another --name or --control",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(setup)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(setup)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup)?;
+    listener.set_nonblocking(true).map_err(setup)?;
+    Ok(listener)
+}
+
+/// Serves control connections until the master exits.
+pub fn serve(listener: std::os::unix::net::UnixListener, events: mpsc::Sender<Event>) {
+    tokio::spawn(async move {
+        let Ok(listener) = UnixListener::from_std(listener) else {
+            return;
+        };
+        let me = nix::unistd::getuid().as_raw();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            if uid != Some(me) && uid != Some(0) {
+                warn!(
+                    "control: refused a client running as uid {}",
+                    uid.map_or("?".to_string(), |u| u.to_string())
+                );
+                let mut stream = stream;
+                let reply = Reply::error("permission denied: this master serves only its own user");
+                let _ = write_reply(&mut stream, &reply).await;
+                continue;
+            }
+            let events = events.clone();
+            tokio::spawn(async move {
+                let _ = handle(stream, events).await;
+            });
+        }
+    });
+}
+
+async fn write_reply(stream: &mut tokio::net::UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(stream: tokio::net::UnixStream, events: mpsc::Sender<Event>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let reply = match read {
+        Err(_) => Reply::error("timed out waiting for a request"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
+            Reply::error(format!("request larger than {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => match parse_request(&line) {
+            Err(msg) => Reply::error(msg),
+            Ok(req) => {
+                let (tx, rx) = oneshot::channel();
+                if events.send(Event::Control(req, tx)).await.is_err() {
+                    Reply::error("the master is shutting down")
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| Reply::error("the master is shutting down"))
+                }
+            }
+        },
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+/// Parses one request line; the error is what the client is told.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let env: Envelope = serde_json::from_slice(line).map_err(|e| format!("not a request: {e}"))?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this master speaks {PROTOCOL_VERSION}); use a matching processes binary",
+            env.v
+        ));
+    }
+    serde_json::from_value(env.req).map_err(|e| format!("not a request: {e}"))
+}
+
+/// Sends one request and returns the reply's data, or the master's error.
+pub fn request(path: &Path, req: &Request) -> Result<Value, ClientError> {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut v = serde_json::to_value(req).map_err(ClientError::Protocol)?;
+    v["v"] = PROTOCOL_VERSION.into();
+    let mut line = serde_json::to_vec(&v).map_err(ClientError::Protocol)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(ClientError::Io)?;
+    let mut reader = io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(ClientError::Io)?;
+    let reply: Reply = serde_json::from_str(&answer).map_err(ClientError::Protocol)?;
+    if reply.ok {
+        Ok(reply.data)
+    } else {
+        Err(ClientError::Refused(
+            reply.error.unwrap_or_else(|| "refused".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"status"}"#),
+            Ok(Request::Status { app: None })
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"scale","app":"web","n":3}"#),
+            Ok(Request::Scale {
+                app: "web".into(),
+                n: 3
+            })
+        );
+        assert!(
+            parse_request(br#"{"v":2,"cmd":"status"}"#)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(parse_request(b"garbage").is_err());
+        assert!(parse_request(br#"{"v":1,"cmd":"explode"}"#).is_err());
+        assert!(parse_request(br#"{"v":1,"cmd":"scale","app":"w","n":-1}"#).is_err());
+    }
+}

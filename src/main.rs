@@ -1,0 +1,135 @@
+//! The `processes` binary: parses the command line, runs the master or a client command,
+//! prints any error once with its causes, and exits with a meaningful code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use processes::cli::{Cli, Command};
+use processes::control::{self, Request};
+use processes::master::{self, error_chain};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Run(args) => {
+            let config = match args.to_config() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let name = args.master_name(&config);
+            let opts = master::Options {
+                config,
+                name,
+                control: args.control.clone(),
+            };
+            match master::run(opts) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Status(a) => client(&a.target, &Request::Status { app: a.app.clone() }, |data| {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+            } else {
+                print_status(data);
+            }
+        }),
+        Command::Scale(a) => client(
+            &a.target,
+            &Request::Scale {
+                app: a.app.clone(),
+                n: a.n,
+            },
+            |d| {
+                println!("{}: {} → {} workers", a.app, d["from"], d["to"]);
+            },
+        ),
+        Command::Reload(a) => client(
+            &a.target,
+            &Request::Reload {
+                app: a.app.clone(),
+                batch: a.batch,
+            },
+            |_| println!("reload started"),
+        ),
+        Command::Stop(t) => client(&t, &Request::Stop, |_| println!("stopping")),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("PROCESSES_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("processes: {}", error_chain(e));
+    ExitCode::from(2)
+}
+
+fn client(
+    target: &processes::cli::Target,
+    req: &Request,
+    print: impl FnOnce(&serde_json::Value),
+) -> ExitCode {
+    let path = match target.resolve() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    match control::request(&path, req) {
+        Ok(data) => {
+            print(&data);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn print_status(data: &serde_json::Value) {
+    let empty = vec![];
+    for app in data["apps"].as_array().unwrap_or(&empty) {
+        println!(
+            "{}  size {} (ready {})  desired {}  bounds {}..{}  dispatch {}{}",
+            app["name"].as_str().unwrap_or("?"),
+            app["size"],
+            app["ready"],
+            app["desired"],
+            app["min"],
+            app["max"],
+            app["dispatch"].as_str().unwrap_or("?"),
+            if app["reloading"].as_bool() == Some(true) {
+                "  (reloading)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  {:>4}  {:>8}  {:<10}  {:>10}  {:>8}  {:>8}",
+            "slot", "pid", "state", "uptime", "restarts", "passed"
+        );
+        for w in app["workers"].as_array().unwrap_or(&empty) {
+            let up = w["uptime_ms"].as_u64().unwrap_or(0);
+            println!(
+                "  {:>4}  {:>8}  {:<10}  {:>9.1}s  {:>8}  {:>8}",
+                w["slot"],
+                w["pid"],
+                w["state"].as_str().unwrap_or("?"),
+                up as f64 / 1000.0,
+                w["restarts"],
+                w["passed"]
+            );
+        }
+        for s in app["slots"].as_array().unwrap_or(&empty) {
+            let state = s["state"].as_str().unwrap_or("?");
+            if state != "running" {
+                println!("  {:>4}  {:>8}  {:<10}", s["slot"], "-", state);
+            }
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Node's IPC and cluster protocol, as the primary speaks it (see `NODE-IPC.md`).
+//!
+//! Pure: parsing what a worker sends into a [`FromWorker`] and building what the master
+//! sends. The master decides what to do; this module only knows the bytes. The rules it
+//! encodes: every cluster message carries the sender's own `seq`, a reply carries the
+//! peer's `seq` as `ack`; a `NODE_HANDLE` always travels with exactly one fd; `data` is
+//! echoed per listening key (https workers crash without it); `sockname.port` equals the
+//! requested port.
+
+use serde_json::{Value, json};
+
+/// A message from a worker, classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromWorker {
+    /// `NODE_HANDLE_ACK`: the worker took the handle we sent.
+    HandleAck,
+    /// `NODE_HANDLE_NACK`: the handle's fd did not arrive; send it again.
+    HandleNack,
+    /// The worker sends us a handle (we acknowledge and close it).
+    Handle { inner: Value },
+    /// `online`.
+    Online { seq: u64 },
+    /// `queryServer`: asks for a listening handle.
+    QueryServer(QueryServer),
+    /// `listening`: a server in the worker is up (its readiness signal).
+    Listening { seq: u64 },
+    /// `close`: the worker's server for `key` closed.
+    Close { key: String, seq: u64 },
+    /// `exitedAfterDisconnect`: must be acknowledged.
+    ExitedAfterDisconnect { seq: u64 },
+    /// A reply to one of our messages (`newconn`): `accepted` for connections.
+    Reply { ack: u64, accepted: Option<bool> },
+    /// Our preload's report of event-loop load.
+    Metrics(Value),
+    /// Our preload's answer to a ping.
+    Pong { id: u64 },
+    /// `process.send('ready')` (PM2's habit) or `{"cmd":"PROCESSES_READY"}`.
+    Ready,
+    /// Some other cluster act we do not act on.
+    OtherCluster { act: String, seq: Option<u64> },
+    /// Any other internal (`NODE_`) message.
+    OtherInternal(String),
+    /// A user message for the primary (`process.send(x)`); logged, nothing else.
+    User(Value),
+}
+
+/// The fields of `queryServer` that matter to the primary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryServer {
+    pub seq: u64,
+    /// `null` (any address), an IP, or a pipe path.
+    pub address: Option<String>,
+    /// −1 for a pipe.
+    pub port: i64,
+    /// `4`, `6`, `-1` (pipe), or `"udp4"`/`"udp6"`.
+    pub address_type: AddressType,
+    pub fd: Option<i64>,
+    pub index: i64,
+    /// What `tls.Server` sends (`{ticketKeys}`), echoed back per key.
+    pub data: Value,
+    pub backlog: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressType {
+    Tcp4,
+    Tcp6,
+    Pipe,
+    Udp4,
+    Udp6,
+}
+
+impl AddressType {
+    fn parse(v: &Value) -> Option<AddressType> {
+        match v {
+            Value::Number(n) => match n.as_i64()? {
+                4 => Some(AddressType::Tcp4),
+                6 => Some(AddressType::Tcp6),
+                -1 => Some(AddressType::Pipe),
+                _ => None,
+            },
+            Value::String(s) if s == "udp4" => Some(AddressType::Udp4),
+            Value::String(s) if s == "udp6" => Some(AddressType::Udp6),
+            _ => None,
+        }
+    }
+    fn key_part(&self) -> &'static str {
+        match self {
+            AddressType::Tcp4 => "4",
+            AddressType::Tcp6 => "6",
+            AddressType::Pipe => "-1",
+            AddressType::Udp4 => "udp4",
+            AddressType::Udp6 => "udp6",
+        }
+    }
+    pub fn is_udp(&self) -> bool {
+        matches!(self, AddressType::Udp4 | AddressType::Udp6)
+    }
+}
+
+impl QueryServer {
+    /// The listening key, as Node's primary builds it: `address:port:addressType:fd`,
+    /// with `:index` appended when the port is 0 (every `listen(0)` gets its own port).
+    pub fn key(&self) -> String {
+        let addr = self.address.as_deref().unwrap_or("null");
+        let fd = self.fd.map_or("undefined".to_string(), |f| f.to_string());
+        let mut key = format!("{addr}:{}:{}:{fd}", self.port, self.address_type.key_part());
+        if self.port == 0 {
+            key.push_str(&format!(":{}", self.index));
+        }
+        key
+    }
+}
+
+fn seq_of(v: &Value) -> Option<u64> {
+    v.get("seq").and_then(Value::as_u64)
+}
+
+/// Classifies one message from a worker. Malformed cluster messages become
+/// `OtherCluster`/`OtherInternal`, never an error: the master ignores what it does not
+/// understand.
+pub fn classify(v: &Value) -> FromWorker {
+    if v.as_str() == Some("ready") {
+        return FromWorker::Ready;
+    }
+    let Some(cmd) = v.get("cmd").and_then(Value::as_str) else {
+        return FromWorker::User(v.clone());
+    };
+    match cmd {
+        "NODE_HANDLE_ACK" => FromWorker::HandleAck,
+        "NODE_HANDLE_NACK" => FromWorker::HandleNack,
+        "NODE_HANDLE" => FromWorker::Handle {
+            inner: v.get("msg").cloned().unwrap_or(Value::Null),
+        },
+        "NODE_PROCESSES_METRICS" => FromWorker::Metrics(v.clone()),
+        "NODE_PROCESSES_PONG" => FromWorker::Pong {
+            id: v.get("id").and_then(Value::as_u64).unwrap_or(0),
+        },
+        "PROCESSES_READY" | "NODE_PROCESSES_READY" => FromWorker::Ready,
+        "NODE_CLUSTER" => classify_cluster(v),
+        c if c.len() > 5 && c.starts_with("NODE_") => FromWorker::OtherInternal(c.to_string()),
+        _ => FromWorker::User(v.clone()),
+    }
+}
+
+fn classify_cluster(v: &Value) -> FromWorker {
+    let seq = seq_of(v);
+    let act = v.get("act").and_then(Value::as_str);
+    match (act, seq) {
+        (None, _) => match v.get("ack").and_then(Value::as_u64) {
+            Some(ack) => FromWorker::Reply {
+                ack,
+                accepted: v.get("accepted").and_then(Value::as_bool),
+            },
+            None => FromWorker::OtherCluster {
+                act: String::new(),
+                seq,
+            },
+        },
+        (Some("online"), Some(seq)) => FromWorker::Online { seq },
+        (Some("listening"), Some(seq)) => FromWorker::Listening { seq },
+        (Some("exitedAfterDisconnect"), Some(seq)) => FromWorker::ExitedAfterDisconnect { seq },
+        (Some("close"), Some(seq)) => match v.get("key").and_then(Value::as_str) {
+            Some(key) => FromWorker::Close {
+                key: key.to_string(),
+                seq,
+            },
+            None => FromWorker::OtherCluster {
+                act: "close".into(),
+                seq: Some(seq),
+            },
+        },
+        (Some("queryServer"), Some(seq)) => {
+            let port = v.get("port").and_then(Value::as_i64);
+            let at = v.get("addressType").and_then(AddressType::parse);
+            match (port, at) {
+                (Some(port), Some(address_type)) => FromWorker::QueryServer(QueryServer {
+                    seq,
+                    address: v.get("address").and_then(Value::as_str).map(String::from),
+                    port,
+                    address_type,
+                    fd: v.get("fd").and_then(Value::as_i64),
+                    index: v.get("index").and_then(Value::as_i64).unwrap_or(0),
+                    data: v.get("data").cloned().unwrap_or(Value::Null),
+                    backlog: v.get("backlog").and_then(Value::as_i64),
+                }),
+                _ => FromWorker::OtherCluster {
+                    act: "queryServer".into(),
+                    seq: Some(seq),
+                },
+            }
+        }
+        (Some(act), seq) => FromWorker::OtherCluster {
+            act: act.to_string(),
+            seq,
+        },
+    }
+}
+
+/// The round-robin reply to `queryServer`: no fd; `sockname` makes `server.address()`
+/// work and must carry the requested port.
+pub fn reply_round_robin(
+    ack: u64,
+    seq: u64,
+    key: &str,
+    data: &Value,
+    sockname: Option<Value>,
+) -> Value {
+    let mut v = json!({
+        "cmd": "NODE_CLUSTER",
+        "errno": null,
+        "key": key,
+        "ack": ack,
+        "data": data,
+    });
+    if let Some(s) = sockname {
+        v["sockname"] = s;
+    }
+    v["seq"] = json!(seq);
+    v
+}
+
+/// The shared-handle reply to `queryServer`: a `NODE_HANDLE` carrying the listening
+/// socket (`net.Native`, or `dgram.Native` for UDP).
+pub fn reply_shared(ack: u64, seq: u64, key: &str, data: &Value, udp: bool) -> Value {
+    json!({
+        "cmd": "NODE_HANDLE",
+        "type": if udp { "dgram.Native" } else { "net.Native" },
+        "msg": {"cmd": "NODE_CLUSTER", "errno": 0, "key": key, "ack": ack, "data": data, "seq": seq},
+    })
+}
+
+/// A failed `queryServer`: `errno` is a negative libuv error code (`-errno` on Linux).
+pub fn reply_error(ack: u64, seq: u64, key: &str, errno: i32) -> Value {
+    json!({"cmd": "NODE_CLUSTER", "errno": -errno.abs(), "key": key, "ack": ack, "data": null, "seq": seq})
+}
+
+/// One connection for a cluster worker's server.
+pub fn newconn(seq: u64, key: &str) -> Value {
+    json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Native",
+        "msg": {"cmd": "NODE_CLUSTER", "act": "newconn", "key": key, "seq": seq},
+    })
+}
+
+/// One connection for a worker that is not a cluster server: a plain Node child gets it
+/// as `process.on('message', (msg, socket) => …)`; other runtimes read the same envelope.
+pub fn connection(listener: usize, local: &str) -> Value {
+    json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Socket",
+        "msg": {"cmd": "PROCESSES_CONNECTION", "listener": listener, "address": local},
+    })
+}
+
+/// Asks a cluster worker to close its servers and leave when idle.
+pub fn disconnect(seq: u64) -> Value {
+    json!({"cmd": "NODE_CLUSTER", "act": "disconnect", "seq": seq})
+}
+
+/// The acknowledgement of a worker's message (for `exitedAfterDisconnect`).
+pub fn ack(ack: u64, seq: u64) -> Value {
+    json!({"cmd": "NODE_CLUSTER", "ack": ack, "seq": seq})
+}
+
+pub fn handle_ack() -> Value {
+    json!({"cmd": "NODE_HANDLE_ACK"})
+}
+
+/// A ping for our preload; the `NODE_` prefix keeps it from the app's `'message'`
+/// listeners.
+pub fn ping(id: u64) -> Value {
+    json!({"cmd": "NODE_PROCESSES_PING", "id": id})
+}
+
+/// `sockname` for a TCP listener, as Node's round-robin primary reports it.
+pub fn sockname(addr: &std::net::SocketAddr) -> Value {
+    json!({
+        "address": addr.ip().to_string(),
+        "family": if addr.is_ipv6() { "IPv6" } else { "IPv4" },
+        "port": addr.port(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn the_wire_trace_classifies() {
+        // From shared/node-ipc/trace_rr.txt.
+        assert_eq!(
+            classify(&parse(r#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#)),
+            FromWorker::Online { seq: 0 }
+        );
+        let q = classify(&parse(
+            r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":18080,"addressType":4,"backlog":0,"seq":1}"#,
+        ));
+        let FromWorker::QueryServer(q) = q else {
+            panic!("{q:?}")
+        };
+        assert_eq!(q.key(), "null:18080:4:undefined");
+        assert_eq!(q.seq, 1);
+        assert_eq!(
+            classify(&parse(r#"{"cmd":"NODE_HANDLE_ACK"}"#)),
+            FromWorker::HandleAck
+        );
+        assert_eq!(
+            classify(&parse(
+                r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#
+            )),
+            FromWorker::Reply {
+                ack: 1,
+                accepted: Some(true)
+            }
+        );
+        assert_eq!(
+            classify(&parse(
+                r#"{"cmd":"NODE_CLUSTER","act":"close","key":"null:18080:4:undefined:0","seq":4}"#
+            )),
+            FromWorker::Close {
+                key: "null:18080:4:undefined:0".into(),
+                seq: 4
+            }
+        );
+        assert_eq!(classify(&parse(r#""ready""#)), FromWorker::Ready);
+        assert!(matches!(classify(&parse("42")), FromWorker::User(_)));
+        assert!(matches!(
+            classify(&parse(
+                r#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#
+            )),
+            FromWorker::OtherCluster { .. }
+        ));
+    }
+
+    #[test]
+    fn replies_match_the_trace_byte_for_byte() {
+        let rr = reply_round_robin(
+            1,
+            0,
+            "null:18080:4:undefined:0",
+            &Value::Null,
+            Some(json!({"address":"::","family":"IPv6","port":18080})),
+        );
+        assert_eq!(
+            serde_json::to_string(&rr).unwrap(),
+            r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"null:18080:4:undefined:0","ack":1,"data":null,"sockname":{"address":"::","family":"IPv6","port":18080},"seq":0}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&newconn(1, "null:18080:4:undefined:0")).unwrap(),
+            r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"null:18080:4:undefined:0","seq":1}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&reply_shared(
+                1,
+                0,
+                "null:18081:4:undefined:0",
+                &Value::Null,
+                false
+            ))
+            .unwrap(),
+            r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","errno":0,"key":"null:18081:4:undefined:0","ack":1,"data":null,"seq":0}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&disconnect(2)).unwrap(),
+            r#"{"cmd":"NODE_CLUSTER","act":"disconnect","seq":2}"#
+        );
+    }
+
+    #[test]
+    fn port_zero_keys_carry_the_index() {
+        let q = QueryServer {
+            seq: 0,
+            address: Some("127.0.0.1".into()),
+            port: 0,
+            address_type: AddressType::Tcp4,
+            fd: None,
+            index: 2,
+            data: Value::Null,
+            backlog: None,
+        };
+        assert_eq!(q.key(), "127.0.0.1:0:4:undefined:2");
+    }
+}

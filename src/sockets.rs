@@ -1,0 +1,202 @@
+//! Listening sockets: bound once by the master, kept for its whole life, and handed to
+//! workers either by inheritance (fds 3, 4, … with `LISTEN_FDS`) or by passing each
+//! accepted connection over a worker's channel.
+//!
+//! The invariant: a listener outlives every worker. Restarts and reloads never close one,
+//! so clients queue in the kernel's backlog while workers come and go instead of being
+//! refused.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::ListenAddr;
+use crate::errors::StartError;
+
+/// The accept queue length asked of the kernel (it caps this at `net.core.somaxconn`).
+pub const BACKLOG: i32 = 1024;
+
+/// One bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    /// The address as configured.
+    pub requested: ListenAddr,
+    /// The address actually bound (a requested port 0 becomes the port the OS picked).
+    pub local: ListenAddr,
+    pub fd: OwnedFd,
+}
+
+impl Listener {
+    /// The TCP port, if this is a TCP listener.
+    pub fn port(&self) -> Option<u16> {
+        match self.local {
+            ListenAddr::Tcp(a) => Some(a.port()),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+
+    /// A name for `LISTEN_FDNAMES`: `tcp-PORT` or `unix`.
+    pub fn fd_name(&self) -> String {
+        match &self.local {
+            ListenAddr::Tcp(a) => format!("tcp-{}", a.port()),
+            ListenAddr::Unix(_) => "unix".to_string(),
+        }
+    }
+}
+
+/// Binds and listens. `field` names the setting for the error message.
+pub fn bind(addr: &ListenAddr, field: &str) -> Result<Listener, StartError> {
+    let bind_err = |source: io::Error| {
+        let hint = match source.kind() {
+            io::ErrorKind::AddrInUse => {
+                "; something else is listening there: stop it or pick another address"
+            }
+            io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+            }
+            io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
+            _ => "",
+        };
+        StartError::Bind {
+            field: field.to_string(),
+            addr: addr.to_string(),
+            hint,
+            source,
+        }
+    };
+    match addr {
+        ListenAddr::Tcp(sa) => {
+            let fd = bind_tcp(*sa).map_err(bind_err)?;
+            let local = local_tcp_addr(&fd).map_err(bind_err)?;
+            Ok(Listener {
+                requested: addr.clone(),
+                local: ListenAddr::Tcp(local),
+                fd,
+            })
+        }
+        ListenAddr::Unix(path) => {
+            let fd = bind_unix(path).map_err(bind_err)?;
+            Ok(Listener {
+                requested: addr.clone(),
+                local: addr.clone(),
+                fd,
+            })
+        }
+    }
+}
+
+/// A TCP listening socket, close-on-exec, blocking. `[::]` accepts IPv4 too.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A unix-domain listening socket. A stale socket file that nobody listens on is removed
+/// first; a live one is an `AddrInUse` error, like TCP.
+pub fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(io::Error::from(io::ErrorKind::AddrInUse)),
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+pub fn local_tcp_addr(fd: &impl AsFd) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(fd);
+    sock.local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an inet socket"))
+}
+
+/// Accept-queue figures of a listening TCP socket from `TCP_INFO`: for a listener the
+/// kernel reports the current queue length in `tcpi_unacked` and its limit in
+/// `tcpi_sacked`. `None` for non-TCP sockets.
+pub fn accept_backlog(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_becomes_a_real_port() {
+        let l = bind(&ListenAddr::parse("127.0.0.1:0").unwrap(), "--listen").unwrap();
+        assert!(l.port().unwrap() > 0);
+        assert_eq!(l.fd_name(), format!("tcp-{}", l.port().unwrap()));
+    }
+
+    #[test]
+    fn a_port_in_use_names_the_field() {
+        let a = bind(&ListenAddr::parse("127.0.0.1:0").unwrap(), "--listen").unwrap();
+        let addr = ListenAddr::parse(&format!("127.0.0.1:{}", a.port().unwrap())).unwrap();
+        let err = bind(&addr, "apps.web.listen").unwrap_err().to_string();
+        assert!(
+            err.starts_with("apps.web.listen: cannot listen on 127.0.0.1:"),
+            "{err}"
+        );
+        assert!(err.contains("something else is listening"), "{err}");
+    }
+
+    #[test]
+    fn stale_unix_sockets_are_replaced_live_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = bind_unix(&path).unwrap();
+        assert_eq!(
+            bind_unix(&path).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        drop(first);
+        bind_unix(&path).unwrap();
+    }
+
+    #[test]
+    fn backlog_is_read_from_tcp_info() {
+        let l = bind(&ListenAddr::parse("127.0.0.1:0").unwrap(), "--listen").unwrap();
+        let addr = match l.local {
+            ListenAddr::Tcp(a) => a,
+            _ => unreachable!(),
+        };
+        let _c1 = std::net::TcpStream::connect(addr).unwrap();
+        let _c2 = std::net::TcpStream::connect(addr).unwrap();
+        let (queued, limit) = accept_backlog(l.fd.as_fd()).unwrap();
+        assert_eq!(queued, 2);
+        assert!(limit >= 128, "{limit}");
+    }
+}

@@ -1,0 +1,83 @@
+//! The few process-control syscalls the master makes: signalling process groups and
+//! reaping children.
+//!
+//! All `kill(-pgid)` and `waitpid` calls live here. Every worker leads its own process
+//! group (its pgid is its pid), so signalling the group reaches whatever it forked.
+
+use std::io;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::backoff::ExitKind;
+
+/// Sends `sig` to the whole process group led by `pgid`. A group that is already gone is
+/// not an error.
+pub fn signal_group(pgid: i32, sig: Signal) -> io::Result<()> {
+    if pgid <= 1 {
+        // killpg(0 or 1) would hit the master's own group or everything: never.
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sends `sig` to one process. A process that is already gone is not an error.
+pub fn signal_pid(pid: i32, sig: Signal) -> io::Result<()> {
+    if pid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    match kill(Pid::from_raw(pid), sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reaps every child that has exited, without blocking.
+///
+/// Called on each `SIGCHLD`. Signals coalesce (two children dying together raise one
+/// `SIGCHLD`), so this loops until `waitpid` has nothing more; and because the `SIGCHLD`
+/// stream is registered before the first fork, an exit between a fork and the first call
+/// here is never missed — it leaves a pending signal that wakes the loop again. Children
+/// the master did not start itself (orphans re-parented to it when it runs as PID 1) are
+/// reaped too and reported like any other; the caller ignores pids it does not know.
+pub fn reap_exited() -> Vec<(i32, ExitKind)> {
+    let mut out = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push((pid.as_raw(), ExitKind::Code(code))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                out.push((pid.as_raw(), ExitKind::Signal(sig as i32)))
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            // Stopped/continued children are not exits; keep looking for real ones.
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// The name of a signal number, for logs and labels (`SIGKILL`), or its number.
+pub fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Registers an owned fd with the tokio reactor for the given readiness.
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: `OwnedFd` owns an open descriptor and always returns that same number from
+    // `as_raw_fd`; the `AsyncFd` takes ownership of it, so the fd stays open and refers to
+    // the same file description until the `AsyncFd` is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(io::Error::from)
+}
