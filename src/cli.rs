@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a master: one app from the command line, or every app in a config file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show apps and workers of a running master.
     Status(StatusArgs),
     /// Set an app's number of workers.

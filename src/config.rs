@@ -340,7 +340,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(bad()),
     };
     let bytes = value * unit;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e15 {
+    if !bytes.is_finite() || !(1.0..=1e15).contains(&bytes) {
         return Err(bad());
     }
     Ok(bytes as u64)
@@ -378,26 +378,23 @@ pub fn parse_autoscale(s: &str) -> Result<(usize, usize), (&'static str, String)
 /// `1 ≤ min ≤ max ≤ MAX_WORKERS`; the error names the offending field.
 pub fn check_bounds(min: usize, max: usize) -> Result<(), (&'static str, String)> {
     if min < 1 {
-        return Err(("min", "must be at least 1".into()));
+        return Err(("min", format!("{min} must be at least 1")));
     }
     if max > MAX_WORKERS {
-        return Err((
-            "max",
-            format!("({max}) is above the limit of {MAX_WORKERS}"),
-        ));
+        return Err(("max", format!("{max} is above the limit of {MAX_WORKERS}")));
     }
     if min > max {
-        return Err(("min", format!("({min}) is above max ({max})")));
+        return Err(("min", format!("{min} is above max ({max})")));
     }
     Ok(())
 }
 
 pub fn check_instances(n: i64) -> Result<usize, String> {
     if n < 1 {
-        return Err(format!("({n}) must be at least 1"));
+        return Err(format!("{n} must be at least 1"));
     }
     if n as u64 > MAX_WORKERS as u64 {
-        return Err(format!("({n}) is above the limit of {MAX_WORKERS}"));
+        return Err(format!("{n} is above the limit of {MAX_WORKERS}"));
     }
     Ok(n as usize)
 }
@@ -407,6 +404,9 @@ pub fn parse_env_pair(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not K=V"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}` has no name before `=`"));
+    }
     check_env_key(k)?;
     Ok((k.to_string(), v.to_string()))
 }
@@ -528,7 +528,9 @@ pub fn load_file(path: &Path) -> Result<Config, crate::errors::StartError> {
             path: path.to_path_buf(),
             source,
         })?;
-    let base = path.parent().map(Path::to_path_buf);
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
     let mut config = parse_str(
         &text,
         &format!("config {}", path.display()),
@@ -541,11 +543,17 @@ pub fn load_file(path: &Path) -> Result<Config, crate::errors::StartError> {
 /// Parses config text. Relative `cwd`s are taken relative to `base` (the file's folder).
 pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        ConfigError::new(
-            origin,
-            "(file)",
-            format!("not valid TOML: {}", e.message().trim()),
-        )
+        let at = e
+            .span()
+            .map(|sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {col}")
+            })
+            .unwrap_or_default();
+        let msg = e.message().trim().replace('\n', "; ");
+        ConfigError::new(origin, "(file)", format!("not valid TOML{at}: {msg}"))
     })?;
     let mut top = Fields::new(origin, String::new(), table);
     let apps_table = top.take_table("apps")?;
@@ -575,7 +583,25 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
                 "must be a table ([apps.NAME] with a command)",
             ));
         };
-        apps.push(parse_app(origin, &path, name, t, base)?);
+        let app = parse_app(origin, &path, name, t, base)?;
+        for (i, addr) in app.listen.iter().enumerate() {
+            if let Some(other) = apps.iter().find(|a: &&AppSpec| a.listen.contains(addr)) {
+                let field = if app.listen.len() > 1 {
+                    format!("{path}.listen[{i}]")
+                } else {
+                    format!("{path}.listen")
+                };
+                return Err(ConfigError::new(
+                    origin,
+                    field,
+                    format!(
+                        "{addr} is also used by apps.{}; give each app its own address",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        apps.push(app);
     }
     Ok(Config { apps, file: None })
 }
@@ -678,12 +704,12 @@ fn parse_backoff(
         return Err(f.err("initial", "must be above zero"));
     }
     if max < initial {
-        return Err(f.err("max", format!("({max:?}) is below initial ({initial:?})")));
+        return Err(f.err("max", format!("{max:?} is below initial ({initial:?})")));
     }
     if !(1.0..=100.0).contains(&multiplier) {
         return Err(f.err(
             "multiplier",
-            format!("({multiplier}) must be between 1 and 100"),
+            format!("{multiplier} must be between 1 and 100"),
         ));
     }
     let crash_loop_restarts = match crash_loop_restarts {
@@ -692,7 +718,7 @@ fn parse_backoff(
         Some(n) => {
             return Err(f.err(
                 "crash_loop_restarts",
-                format!("({n}) must be between 1 and 1000"),
+                format!("{n} must be between 1 and 1000"),
             ));
         }
     };
@@ -903,7 +929,7 @@ impl Fields {
                 let max = max
                     .ok_or_else(|| f.err("max", "missing; set autoscale = { min = A, max = B }"))?;
                 let to_usize = |k: &str, v: i64| -> Result<usize, ConfigError> {
-                    usize::try_from(v).map_err(|_| f.err(k, format!("({v}) must be at least 1")))
+                    usize::try_from(v).map_err(|_| f.err(k, format!("{v} must be at least 1")))
                 };
                 let (min, max) = (to_usize("min", min)?, to_usize("max", max)?);
                 check_bounds(min, max).map_err(|(k, m)| f.err(k, m))?;

@@ -32,7 +32,7 @@ impl ConfigError {
 /// Failures while the master is starting up (after the configuration parsed).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot read config file {path}")]
     ReadConfig {

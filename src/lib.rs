@@ -29,3 +29,4 @@ pub mod pool;
 pub mod sockets;
 pub mod spawn;
 pub mod unix;
+pub mod worker;

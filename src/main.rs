@@ -93,16 +93,20 @@ fn client(
 
 fn print_status(data: &serde_json::Value) {
     let empty = vec![];
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     for app in data["apps"].as_array().unwrap_or(&empty) {
         println!(
             "{}  size {} (ready {})  desired {}  bounds {}..{}  dispatch {}{}",
-            app["name"].as_str().unwrap_or("?"),
+            text(&app["name"]),
             app["size"],
             app["ready"],
             app["desired"],
             app["min"],
             app["max"],
-            app["dispatch"].as_str().unwrap_or("?"),
+            text(&app["dispatch"]),
             if app["reloading"].as_bool() == Some(true) {
                 "  (reloading)"
             } else {
@@ -110,25 +114,25 @@ fn print_status(data: &serde_json::Value) {
             }
         );
         println!(
-            "  {:>4}  {:>8}  {:<10}  {:>10}  {:>8}  {:>8}",
+            "  {:>4}  {:>8}  {:<13}  {:>9}  {:>8}  {:>8}",
             "slot", "pid", "state", "uptime", "restarts", "passed"
         );
         for w in app["workers"].as_array().unwrap_or(&empty) {
             let up = w["uptime_ms"].as_u64().unwrap_or(0);
             println!(
-                "  {:>4}  {:>8}  {:<10}  {:>9.1}s  {:>8}  {:>8}",
-                w["slot"],
-                w["pid"],
-                w["state"].as_str().unwrap_or("?"),
+                "  {:>4}  {:>8}  {:<13}  {:>8.1}s  {:>8}  {:>8}",
+                text(&w["slot"]),
+                text(&w["pid"]),
+                text(&w["state"]),
                 up as f64 / 1000.0,
-                w["restarts"],
-                w["passed"]
+                text(&w["restarts"]),
+                text(&w["passed"])
             );
         }
         for s in app["slots"].as_array().unwrap_or(&empty) {
-            let state = s["state"].as_str().unwrap_or("?");
+            let state = text(&s["state"]);
             if state != "running" {
-                println!("  {:>4}  {:>8}  {:<10}", s["slot"], "-", state);
+                println!("  {:>4}  {:>8}  {:<13}", text(&s["slot"]), "-", state);
             }
         }
     }

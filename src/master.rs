@@ -167,16 +167,6 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 Some(_) => format!("apps.{}.listen", app.name),
                 None => "--listen".to_string(),
             };
-            if listeners
-                .iter()
-                .any(|l: &ListenerEntry| l.listener.requested == *addr)
-            {
-                return Err(StartError::Config(crate::errors::ConfigError::new(
-                    "config",
-                    field,
-                    format!("{addr} is used by two apps; give each its own address"),
-                )));
-            }
             let listener = sockets::bind(addr, &field)?;
             let passing = app.dispatch().passes();
             if passing || app.runtime == Runtime::Node {
@@ -550,7 +540,7 @@ impl Master {
             .get(&id)
             .is_some_and(|io| io.online && io.channel.is_some());
         if graceful_node {
-            self.send_plain(id, |seq| node::disconnect(seq));
+            self.send_plain(id, node::disconnect);
         } else if let Err(e) = unix::signal_group(pid, Signal::SIGTERM) {
             warn!("[{name}:{slot}] cannot signal pid {pid}: {e}");
         }

@@ -1,0 +1,198 @@
+//! The worker side, for Rust programs run by `processes`: find the inherited listeners,
+//! say ready, and receive connections the master passes over the channel.
+//!
+//! Blocking and dependency-free on purpose (std only), so any Rust server can use it from
+//! a thread, or wrap the fds it returns in its own async runtime. The protocol it speaks is
+//! documented in `PROTOCOL.md`; a worker in another language can do the same in a few
+//! dozen lines.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! let mut channel = processes::worker::Channel::from_env().expect("run me under processes");
+//! processes::worker::ready().ok();
+//! while let Ok(Some(conn)) = channel.next_connection() {
+//!     let mut stream = conn.into_tcp_stream();
+//!     let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+//! }
+//! ```
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde_json::Value;
+
+use crate::channel::Decoder;
+
+/// This worker's slot (`PROCESSES_WORKER_ID`), stable across its restarts.
+pub fn slot() -> Option<u32> {
+    std::env::var("PROCESSES_WORKER_ID").ok()?.parse().ok()
+}
+
+/// This worker's app name (`PROCESSES_APP`).
+pub fn app() -> Option<String> {
+    std::env::var("PROCESSES_APP").ok()
+}
+
+/// Takes the inherited listening sockets (fds 3, 4, … per `LISTEN_FDS`), if they are meant
+/// for this process (`LISTEN_PID`). Call it once.
+pub fn listen_fds() -> Vec<OwnedFd> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let n: RawFd = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if !pid_ok {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| {
+            // SAFETY: the master placed exactly LISTEN_FDS open sockets at 3.. for this pid,
+            // and this function hands each out once.
+            unsafe { OwnedFd::from_raw_fd(3 + i) }
+        })
+        .collect()
+}
+
+/// Tells the master this worker is ready (sd_notify `READY=1`). Without it, the master
+/// counts a worker ready after `ready_after` of uptime.
+pub fn ready() -> io::Result<()> {
+    crate::notify::notify_parent("READY=1").map(|_| ())
+}
+
+/// One connection passed by the master.
+#[derive(Debug)]
+pub struct Connection {
+    pub fd: OwnedFd,
+    /// The message that carried it (`{"cmd":"PROCESSES_CONNECTION","listener":N,…}`).
+    pub meta: Value,
+}
+
+impl Connection {
+    /// The connection as a TCP stream (listeners on unix sockets give unix streams; use
+    /// `fd` for those).
+    pub fn into_tcp_stream(self) -> std::net::TcpStream {
+        let stream = std::net::TcpStream::from(self.fd);
+        // The master passes connections non-blocking; this API is blocking.
+        let _ = stream.set_nonblocking(false);
+        stream
+    }
+}
+
+/// What arrived on the channel.
+#[derive(Debug)]
+pub enum Message {
+    Connection(Connection),
+    /// Anything else the master sent (a ping, a `disconnect`).
+    Other(Value),
+}
+
+/// This worker's end of the channel to the master (`PROCESSES_CHANNEL_FD`).
+pub struct Channel {
+    fd: OwnedFd,
+    decoder: Decoder,
+    ready: std::collections::VecDeque<(Value, Option<OwnedFd>)>,
+}
+
+impl Channel {
+    /// Opens the channel announced in the environment, once.
+    pub fn from_env() -> Option<Channel> {
+        let fd: RawFd = std::env::var("PROCESSES_CHANNEL_FD").ok()?.parse().ok()?;
+        // SAFETY: the master put our end of the socketpair at this fd; we take ownership
+        // once (callers are told to call this once).
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // The socketpair end is blocking for the worker; make sure of it.
+        let _ = crate::spawn::set_nonblocking(&fd, false);
+        Some(Channel {
+            fd,
+            decoder: Decoder::default(),
+            ready: Default::default(),
+        })
+    }
+
+    /// Sends one message.
+    pub fn send(&self, v: &Value) -> io::Result<()> {
+        let mut line = serde_json::to_vec(v)?;
+        line.push(b'\n');
+        let mut off = 0;
+        while off < line.len() {
+            let n = sendmsg::<()>(
+                self.fd.as_raw_fd(),
+                &[IoSlice::new(&line[off..])],
+                &[],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next message; `None` when the master closed the channel.
+    pub fn recv(&mut self) -> io::Result<Option<Message>> {
+        loop {
+            if let Some((v, fd)) = self.ready.pop_front() {
+                if v.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE") {
+                    // Acknowledge at once, as Node does; without an fd, say so.
+                    let Some(fd) = fd else {
+                        self.send(&serde_json::json!({"cmd": "NODE_HANDLE_NACK"}))?;
+                        continue;
+                    };
+                    self.send(&serde_json::json!({"cmd": "NODE_HANDLE_ACK"}))?;
+                    let mut meta = v.get("msg").cloned().unwrap_or(Value::Null);
+                    // A retransmission is wrapped twice.
+                    while meta.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE") {
+                        meta = meta.get("msg").cloned().unwrap_or(Value::Null);
+                    }
+                    return Ok(Some(Message::Connection(Connection { fd, meta })));
+                }
+                return Ok(Some(Message::Other(v)));
+            }
+            let mut buf = [0u8; 16 * 1024];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+            let msg = match recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: the kernel just installed these fds for us.
+                    fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+                }
+            }
+            let n = msg.bytes;
+            if n == 0 && fds.is_empty() {
+                return Ok(None);
+            }
+            self.decoder.push_fds(fds).map_err(io::Error::other)?;
+            let got = self
+                .decoder
+                .push_bytes(&buf[..n])
+                .map_err(io::Error::other)?;
+            self.ready.extend(got);
+        }
+    }
+
+    /// Waits for the next passed connection, skipping other messages.
+    pub fn next_connection(&mut self) -> io::Result<Option<Connection>> {
+        loop {
+            match self.recv()? {
+                None => return Ok(None),
+                Some(Message::Connection(c)) => return Ok(Some(c)),
+                Some(Message::Other(_)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests: real masters, real workers, real sockets. One binary, one module
+//! per area; `common` is the harness.
+
+mod common;
+mod config_errors;
+mod supervisor;
