@@ -26,6 +26,7 @@ pub mod node;
 pub mod notify;
 pub mod output;
 pub mod pool;
+pub mod probes;
 pub mod sockets;
 pub mod spawn;
 pub mod unix;

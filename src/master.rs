@@ -33,6 +33,7 @@ use crate::output::{Sink, Stream};
 use crate::pool::{
     Action, ExitOutcome, Pool, ReloadOutcome, StopReason, Stopping, WorkerId, WorkerState,
 };
+use crate::probes::{self, HandleKind};
 use crate::sockets::{self, Listener};
 use crate::spawn::{self, SpawnPlan};
 use crate::unix;
@@ -265,6 +266,7 @@ impl Master {
         let mut sigttin = signal(SignalKind::from_raw(libc::SIGTTIN)).expect("SIGTTIN handler");
         let mut sigttou = signal(SignalKind::from_raw(libc::SIGTTOU)).expect("SIGTTOU handler");
 
+        probes::register_or_warn();
         for l in &self.listeners {
             info!(
                 "{}: listening on {}",
@@ -403,6 +405,7 @@ impl Master {
                     channel::start(fd, self.events.clone(), move |inc| Event::Channel(id, inc)).ok()
                 });
                 self.pools[app].on_spawned(slot, incoming, id, pid, now);
+                probes::worker_spawn_with(spec.name.as_str(), slot, pid, || spec.command.join(" "));
                 self.pids.insert(pid, (app, id));
                 self.io.insert(
                     id,
@@ -512,6 +515,15 @@ impl Master {
             user: None,
         };
         let spawned = spawn::spawn(&plan)?;
+        for l in &inherited {
+            probes::handle_pass(
+                spec.name.as_str(),
+                slot,
+                spawned.pid,
+                l.listener.fd.as_raw_fd(),
+                HandleKind::Listener,
+            );
+        }
         // Our copy of the worker's end must go, or we would never see EOF when it exits.
         drop(worker_end);
         Ok((
@@ -577,6 +589,13 @@ impl Master {
         }
         let (slot, pid, started) = (w.slot, w.pid, w.started);
         let replaced = pool.on_ready(id, now);
+        let startup = now.saturating_duration_since(started);
+        probes::worker_ready(
+            pool.spec.name.as_str(),
+            slot,
+            pid,
+            startup.as_micros() as u64,
+        );
         info!(
             "[{}:{}] pid {} ready after {:?} ({why})",
             pool.spec.name,
@@ -594,6 +613,7 @@ impl Master {
         let ok = matches!(outcome, ReloadOutcome::Done { .. });
         let pool = &mut self.pools[app];
         let Some(r) = pool.end_reload(ok) else { return };
+        probes::reload_done(pool.spec.name.as_str(), r.replaced as u32, ok);
         match outcome {
             ReloadOutcome::Done { replaced } => info!(
                 "{}: reload done, {replaced}/{} workers replaced in {:?}",
@@ -613,6 +633,8 @@ impl Master {
         let pool = &mut self.pools[app];
         let name = pool.spec.name.clone();
         if pool.start_reload(new_spec, batch, Duration::from_secs(30), now) {
+            let total = pool.reload.as_ref().map_or(0, |r| r.total);
+            probes::reload_start(name.as_str(), total as u32);
             info!(
                 "{name}: rolling reload started ({} workers)",
                 pool.reload.as_ref().map_or(0, |r| r.total)
@@ -655,7 +677,23 @@ impl Master {
             ExitKind::Code(c) => format!("exited with code {c}"),
             ExitKind::Signal(s) => format!("was killed by {}", unix::signal_name(s)),
         };
-        match pool.on_exit(id, exit, now, jitter) {
+        let (code, sig) = match exit {
+            ExitKind::Code(c) => (c, 0),
+            ExitKind::Signal(s) => (-1, s),
+        };
+        let outcome = pool.on_exit(id, exit, now, jitter);
+        let uptime_ms = uptime.as_millis() as u64;
+        match outcome {
+            Some(ExitOutcome::Asked(_)) => {
+                probes::worker_exit(name.as_str(), slot, pid, code, sig, uptime_ms)
+            }
+            Some(_) => probes::worker_crash(name.as_str(), slot, pid, code, sig, uptime_ms),
+            None => {}
+        }
+        if let Some(ExitOutcome::Crashed(Restart::After { delay, attempt, .. })) = outcome {
+            probes::restart_scheduled(name.as_str(), slot, attempt, delay.as_millis() as u64);
+        }
+        match outcome {
             None => {}
             Some(ExitOutcome::Asked(reason)) => {
                 info!(
@@ -779,6 +817,7 @@ impl Master {
                     pool.spec.sizing.bounds()
                 );
             } else {
+                probes::scale(pool.spec.name.as_str(), before as u32, now as u32, "signal");
                 info!("{}: {before} → {now} workers (by hand)", pool.spec.name);
             }
         }
@@ -1068,6 +1107,13 @@ impl Master {
             };
             let seq = io.seq;
             io.seq += 1;
+            probes::handle_pass(
+                self.pools[app].spec.name.as_str(),
+                io.slot,
+                io.pid,
+                fd.as_raw_fd(),
+                HandleKind::Listener,
+            );
             self.send_raw(
                 id,
                 node::reply_shared(q.seq, seq, &key, &data, udp),
@@ -1218,6 +1264,13 @@ impl Master {
             permit: q.permit,
             acked: false,
         });
+        probes::handle_pass(
+            self.pools[self.listeners[l].app].spec.name.as_str(),
+            io.slot,
+            io.pid,
+            copy.as_raw_fd(),
+            HandleKind::Connection,
+        );
         self.send_raw(id, value, Some(copy));
     }
 
@@ -1245,6 +1298,10 @@ impl Master {
                 };
                 let before = self.pools[i].target;
                 let after = self.pools[i].set_target(n);
+                if after != before {
+                    probes::scale(app.as_str(), before as u32, after as u32, "control");
+                    info!("{app}: {before} → {after} workers (processes scale)");
+                }
                 Reply::ok(serde_json::json!({"app": app, "from": before, "to": after}))
             }
             Request::Reload { app, batch } => {

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# HTTP side by side: the same trivial Node app (benches/app/server.js) under
+#   processes-rr      processes run -i 2 --dispatch round-robin   (the master accepts, passes fds)
+#   processes-shared  processes run -i 2 --dispatch shared        (workers accept on the inherited socket)
+#   node-cluster-rr   Node's cluster module, 2 workers, round-robin (NODE_CLUSTER_SCHED_POLICY=rr)
+#   node-cluster-none Node's cluster module, 2 workers, NODE_CLUSTER_SCHED_POLICY=none
+#   pm2               pm2 start server.js -i 2
+#   single            one plain `node server.js`, the baseline
+# each loaded by wrk twice: a new connection per request (-H 'Connection: close') and keep-alive.
+# Every setup is started fresh for each measurement round, and the order of setups rotates per
+# round to spread machine noise; the table gives medians over the rounds.
+#
+# Usage: benches/http.sh [--quick] [--write] [--rounds N] [--duration SECONDS]
+#                        [--connections N] [--threads N] [--only a,b,...] [--port-base PORT]
+#   --quick   1 round of 2 s loads (default: 3 rounds of 5 s)
+#   --write   also replace the generated block in BENCHMARKS.md
+#
+# Installs what it needs if missing: wrk (apt-get), PM2 (npm, into target/bench-tools/, never
+# committed). PM2 runs with its own PM2_HOME in a temporary directory and its daemon is killed
+# after each use. Results also go to target/bench-results/http-<time>.md.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+APP_DIR="$ROOT/benches/app"
+BIN="$ROOT/target/release/processes"
+TOOLS="$ROOT/target/bench-tools"
+PM2="$TOOLS/node_modules/.bin/pm2"
+
+ROUNDS=3
+DURATION=5
+CONNS=32
+THREADS=2
+WARMUP=1
+WRITE=0
+PORT_BASE=18600
+ALL_SETUPS=(processes-rr processes-shared node-cluster-rr node-cluster-none pm2 single)
+SETUPS=("${ALL_SETUPS[@]}")
+ARGS="$*"
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) ROUNDS=1; DURATION=2 ;;
+    --write) WRITE=1 ;;
+    --rounds) ROUNDS="$2"; shift ;;
+    --duration) DURATION="$2"; shift ;;
+    --connections) CONNS="$2"; shift ;;
+    --threads) THREADS="$2"; shift ;;
+    --port-base) PORT_BASE="$2"; shift ;;
+    --only) IFS=, read -r -a SETUPS <<<"$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "http.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for s in "${SETUPS[@]}"; do
+  case " ${ALL_SETUPS[*]} " in *" $s "*) ;; *) echo "http.sh: unknown setup: $s" >&2; exit 2 ;; esac
+done
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------- tools
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+command -v ss >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+fi
+if [[ " ${SETUPS[*]} " == *" pm2 "* ]] && [ ! -x "$PM2" ]; then
+  log "installing pm2 into $TOOLS"
+  mkdir -p "$TOOLS"
+  npm install --prefix "$TOOLS" --no-audit --no-fund --loglevel=error pm2 >&2
+fi
+log "building processes (cargo build --release)"
+(cd "$ROOT" && cargo build --release --quiet) >&2
+
+# ---------------------------------------------------------------- state and cleanup
+TMP="$(mktemp -d /tmp/processes-bench.XXXXXX)"
+export PM2_HOME="$TMP/pm2"
+CUR_PID=""      # the setup's top process (master, primary, or the single node), our child
+CUR_SETUP=""
+
+cat >"$TMP/cluster.js" <<'EOF'
+// Node cluster primary for the benchmark: forks 2 workers of server.js; the scheduling policy
+// comes from NODE_CLUSTER_SCHED_POLICY. Prints "ready" once both workers are listening.
+const cluster = require('cluster');
+const n = Number(process.env.WORKERS || 2);
+cluster.setupPrimary({ exec: process.argv[2] });
+let listening = 0;
+cluster.on('listening', () => { if (++listening === n) console.log('ready'); });
+for (let i = 0; i < n; i++) cluster.fork();
+process.on('SIGTERM', () => {
+  for (const id in cluster.workers) cluster.workers[id].kill('SIGTERM');
+  cluster.on('exit', () => { if (Object.keys(cluster.workers).length === 0) process.exit(0); });
+});
+EOF
+
+port_free() { [ -z "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
+
+wait_port_free() { # port timeout_s
+  local i
+  for ((i = 0; i < $2 * 20; i++)); do port_free "$1" && return 0; sleep 0.05; done
+  return 1
+}
+
+stop_setup() {
+  local setup="$CUR_SETUP" pid="$CUR_PID" port="${1:-}"
+  if [ "$setup" = pm2 ]; then
+    "$PM2" kill >/dev/null 2>&1 || true
+  fi
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "WARNING: $setup (pid $pid) still running 10 s after SIGTERM: killing its process group"
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+  fi
+  if [ -n "$pid" ]; then wait "$pid" 2>/dev/null || true; fi
+  CUR_PID=""; CUR_SETUP=""
+  if [ -n "$port" ] && ! wait_port_free "$port" 10; then
+    log "WARNING: port $port still in use after stopping $setup:"; ss -Htlnp "sport = :$port" >&2 || true
+  fi
+}
+
+cleanup() {
+  set +e
+  stop_setup
+  if [ -x "$PM2" ] && [ -d "$PM2_HOME" ]; then "$PM2" kill >/dev/null 2>&1; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- setups
+start_setup() { # setup port
+  local setup="$1" port="$2" log_file="$TMP/$1.log"
+  port_free "$port" || { log "port $port is in use; pick another --port-base"; ss -Htlnp "sport = :$port" >&2; exit 1; }
+  CUR_SETUP="$setup"
+  cd "$APP_DIR"
+  case "$setup" in
+    processes-rr | processes-shared)
+      local mode=round-robin; [ "$setup" = processes-shared ] && mode=shared
+      setsid "$BIN" run -i 2 --dispatch "$mode" --listen "127.0.0.1:$port" --name "bench-$setup" \
+        --control "$TMP/$setup.sock" -- node server.js >>"$log_file" 2>&1 &
+      CUR_PID=$! ;;
+    node-cluster-rr | node-cluster-none)
+      local policy=rr; [ "$setup" = node-cluster-none ] && policy=none
+      PORT="$port" NODE_CLUSTER_SCHED_POLICY="$policy" setsid node "$TMP/cluster.js" server.js >>"$log_file" 2>&1 &
+      CUR_PID=$! ;;
+    pm2)
+      PORT="$port" "$PM2" start server.js -i 2 --name bench-pm2 >>"$log_file" 2>&1
+      CUR_PID="" ;;
+    single)
+      PORT="$port" setsid node server.js >>"$log_file" 2>&1 &
+      CUR_PID=$! ;;
+  esac
+  cd - >/dev/null
+  # readiness: every worker ready by the setup's own account, then the port answers
+  local i ok=0
+  for ((i = 0; i < 400; i++)); do
+    case "$setup" in
+      processes-*) "$BIN" status --control "$TMP/$setup.sock" --json 2>/dev/null | grep -q '"ready":2' && ok=1 ;;
+      node-cluster-*) grep -q '^ready$' "$log_file" && ok=1 ;;
+      pm2) [ "$("$PM2" jlist 2>/dev/null | grep -o '"status":"online"' | wc -l)" -ge 2 ] && ok=1 ;;
+      single) ok=1 ;;
+    esac
+    if [ $ok = 1 ] && [ "$(curl -s --max-time 1 "http://127.0.0.1:$port/")" = hi ]; then return 0; fi
+    ok=0
+    sleep 0.05
+  done
+  log "ERROR: $setup did not become ready on port $port in 20 s; its log:"; tail -20 "$log_file" >&2
+  exit 1
+}
+
+manager_pid() { # the process that dispatches (none for single)
+  case "$CUR_SETUP" in
+    pm2) cat "$PM2_HOME/pm2.pid" 2>/dev/null || true ;;
+    single) ;;
+    *) echo "$CUR_PID" ;;
+  esac
+}
+
+worker_pids() {
+  case "$CUR_SETUP" in
+    single) echo "$CUR_PID" ;;
+    *) local m; m="$(manager_pid)"; [ -n "$m" ] && pgrep -P "$m" || true ;;
+  esac
+}
+
+ticks() { # sum of utime+stime (clock ticks) over the given pids
+  local t=0 p f
+  for p in "$@"; do
+    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+    f="${f##*) }"
+    set -- $f
+    t=$((t + ${12} + ${13}))
+  done
+  echo "$t"
+}
+
+# ---------------------------------------------------------------- measuring
+# results: lines "setup load rps p99_ms errors mgr_cpu workers_cpu wrk_cpu" in $TMP/results
+to_ms() { # wrk duration like 812.00us, 8.10ms, 1.02s
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) ; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'
+}
+
+run_wrk() { # setup load port
+  local setup="$1" load="$2" port="$3" out="$TMP/wrk.out" hdr=()
+  [ "$load" = close ] && hdr=(-H 'Connection: close')
+  local mgr workers m0 w0 m1 w1 hz
+  hz="$(getconf CLK_TCK)"
+  mgr="$(manager_pid)"; workers="$(worker_pids | tr '\n' ' ')"
+  m0="$(ticks $mgr)"; w0="$(ticks $workers)"
+  # the subshell's `times` second line is wrk's own CPU (children of the subshell)
+  ( wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$port/" >"$out"; times >"$TMP/times" )
+  m1="$(ticks $mgr)"; w1="$(ticks $workers)"
+  local rps p99 errs wrk_cpu
+  rps="$(awk '/^Requests\/sec:/ { print $2 }' "$out")"
+  p99="$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")"
+  errs="$(awk '/Socket errors:/ { gsub(",", ""); n += $4 + $6 + $8 + $10 } /Non-2xx/ { n += $NF } END { print n + 0 }' "$out")"
+  wrk_cpu="$(sed -n 2p "$TMP/times" | awk -v d="$DURATION" '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] } printf "%.0f", 100 * t / d }')"
+  local mgr_cpu="-"
+  [ -n "$mgr" ] && mgr_cpu="$(awk -v a="$m0" -v b="$m1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.0f", 100 * (b - a) / hz / d }')"
+  local w_cpu; w_cpu="$(awk -v a="$w0" -v b="$w1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.0f", 100 * (b - a) / hz / d }')"
+  echo "$setup $load ${rps:-0} ${p99:-0} $errs $mgr_cpu $w_cpu $wrk_cpu" >>"$TMP/results"
+  log "  $setup $load: ${rps:-0} req/s, p99 ${p99} ms, errors $errs, CPU% manager $mgr_cpu workers $w_cpu wrk $wrk_cpu"
+  if [ "$errs" != 0 ]; then grep -E 'Socket errors|Non-2xx' "$out" | sed 's/^/    /' >&2; fi
+}
+
+n=${#SETUPS[@]}
+log "setups: ${SETUPS[*]}; $ROUNDS round(s) of ${DURATION}s loads, wrk -t$THREADS -c$CONNS"
+for ((r = 0; r < ROUNDS; r++)); do
+  log "round $((r + 1))/$ROUNDS"
+  for ((k = 0; k < n; k++)); do
+    setup="${SETUPS[$(((k + r) % n))]}"
+    idx=0; for ((j = 0; j < ${#ALL_SETUPS[@]}; j++)); do [ "${ALL_SETUPS[$j]}" = "$setup" ] && idx=$j; done
+    port=$((PORT_BASE + idx))
+    start_setup "$setup" "$port"
+    wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null
+    run_wrk "$setup" close "$port"
+    run_wrk "$setup" keepalive "$port"
+    stop_setup "$port"
+  done
+done
+
+# ---------------------------------------------------------------- report
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) { print "-"; exit } if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { # setup load column -> median
+  awk -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l && $c != "-" { print $c }' "$TMP/results" | median
+}
+sumcol() { awk -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l { n += $c } END { print n + 0 }' "$TMP/results"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "–"; else printf "%.2f×", a / b }'; }
+fmt_rps() { awk -v a="$1" 'BEGIN { if (a == "-") print "–"; else printf "%.0f", a }'; }
+label() {
+  case "$1" in
+    processes-rr) echo "processes, round-robin (fd passing)" ;;
+    processes-shared) echo "processes, \`--dispatch shared\`" ;;
+    node-cluster-rr) echo "Node cluster, round-robin" ;;
+    node-cluster-none) echo "Node cluster, \`SCHED_POLICY=none\`" ;;
+    pm2) echo "PM2 \`-i 2\`" ;;
+    single) echo "one Node process" ;;
+  esac
+}
+
+CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
+CMD="benches/http.sh${ARGS:+ $ARGS}"
+REPORT="$TMP/report.md"
+{
+  echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')\`$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ with uncommitted changes)'):"
+  echo "$(nproc) cores ($CPU_MODEL), Linux $(uname -r), Node $(node --version), $(wrk --version 2>&1 | head -1 | awk '{ print $1, $2 }')$( [ -x "$PM2" ] && echo ", PM2 $("$PM2" --version 2>/dev/null | tail -1)")."
+  echo
+  echo '```'
+  echo "$CMD"
+  echo "# per setup and round: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency [-H 'Connection: close'] http://127.0.0.1:PORT/"
+  echo "# $ROUNDS round(s); setups restarted and order rotated every round; medians below"
+  echo '```'
+  echo
+  echo "| setup (2 workers) | new conn/request req/s | p99 ms | vs Node RR | vs PM2 | keep-alive req/s | p99 ms | vs Node RR | vs PM2 | errors |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  nc_rr_c="$(col node-cluster-rr close 3)"; nc_rr_k="$(col node-cluster-rr keepalive 3)"
+  pm2_c="$(col pm2 close 3)"; pm2_k="$(col pm2 keepalive 3)"
+  for s in "${ALL_SETUPS[@]}"; do
+    [[ " ${SETUPS[*]} " == *" $s "* ]] || continue
+    c="$(col "$s" close 3)"; k="$(col "$s" keepalive 3)"
+    errs=$(( $(sumcol "$s" close 5) + $(sumcol "$s" keepalive 5) ))
+    echo "| $(label "$s") | $(fmt_rps "$c") | $(col "$s" close 4) | $(ratio "$c" "$nc_rr_c") | $(ratio "$c" "$pm2_c") | $(fmt_rps "$k") | $(col "$s" keepalive 4) | $(ratio "$k" "$nc_rr_k") | $(ratio "$k" "$pm2_k") | $errs |"
+  done
+  echo
+  echo "CPU during the loads, median % of one core (2 cores = 200 %); \"manager\" is the process that"
+  echo "owns the socket and dispatches: the \`processes\` master, the Node cluster primary, PM2's daemon."
+  echo
+  echo "| setup | new conn: manager | workers | wrk | keep-alive: manager | workers | wrk |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for s in "${ALL_SETUPS[@]}"; do
+    [[ " ${SETUPS[*]} " == *" $s "* ]] || continue
+    echo "| $(label "$s") | $(col "$s" close 6) | $(col "$s" close 7) | $(col "$s" close 8) | $(col "$s" keepalive 6) | $(col "$s" keepalive 7) | $(col "$s" keepalive 8) |"
+  done
+} >"$REPORT"
+
+# master logs: anything above INFO is worth a look
+for s in processes-rr processes-shared; do
+  [ -f "$TMP/$s.log" ] || continue
+  bad="$(grep -aE ' (WARN|ERROR) ' "$TMP/$s.log" | sed 's/\x1b\[[0-9;]*m//g' | grep -v 'stopping\|SIGTERM' || true)"
+  if [ -n "$bad" ]; then
+    log "$s: warnings or errors in the master's log ($(echo "$bad" | wc -l) lines), first ones:"
+    echo "$bad" | head -5 >&2
+  fi
+done
+
+mkdir -p "$ROOT/target/bench-results"
+OUT="$ROOT/target/bench-results/http-$(date +%Y%m%d-%H%M%S).md"
+cp "$REPORT" "$OUT"
+echo
+cat "$REPORT"
+echo
+log "saved to ${OUT#$ROOT/}"
+
+if [ "$WRITE" = 1 ]; then
+  MD="$ROOT/BENCHMARKS.md"
+  begin='<!-- benches/http.sh: begin -->'; end='<!-- benches/http.sh: end -->'
+  if grep -qF "$begin" "$MD" 2>/dev/null && grep -qF "$end" "$MD"; then
+    awk -v b="$begin" -v e="$end" -v f="$REPORT" '
+      $0 == b { print; while ((getline l < f) > 0) print l; skip = 1; next }
+      $0 == e { skip = 0 }
+      !skip { print }' "$MD" >"$TMP/BENCHMARKS.md"
+    cp "$TMP/BENCHMARKS.md" "$MD"
+    log "updated the generated block in BENCHMARKS.md"
+  else
+    log "BENCHMARKS.md has no '$begin' / '$end' block: not written"
+  fi
+fi

@@ -1,0 +1,24 @@
+// A plain CommonJS HTTP server that knows nothing about processes: it listens on PORT (and
+// on PORT2 as well when that is set) and answers every request with who served it.
+'use strict';
+const http = require('http');
+
+function handler(req, res) {
+  const body = JSON.stringify({
+    pid: process.pid,
+    slot: process.env.PROCESSES_WORKER_ID,
+    port: req.socket.localPort,
+    kind: 'cjs',
+  });
+  res.writeHead(200, {
+    'content-type': 'application/json',
+    'content-length': Buffer.byteLength(body),
+    connection: 'close',
+  });
+  res.end(body);
+}
+
+for (const name of ['PORT', 'PORT2']) {
+  const port = process.env[name];
+  if (port) http.createServer(handler).listen(Number(port));
+}
