@@ -32,7 +32,7 @@ CONNS=32
 THREADS=2
 WARMUP=1
 WRITE=0
-PORT_BASE=18600
+PORT_BASE=29100   # below the ephemeral range; a busy port moves the setup up by 100
 ALL_SETUPS=(processes-rr processes-shared node-cluster-rr node-cluster-none pm2 single)
 SETUPS=("${ALL_SETUPS[@]}")
 ARGS="$*"
@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
     --threads) THREADS="$2"; shift ;;
     --port-base) PORT_BASE="$2"; shift ;;
     --only) IFS=, read -r -a SETUPS <<<"$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "http.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -140,7 +140,6 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- setups
 start_setup() { # setup port
   local setup="$1" port="$2" log_file="$TMP/$1.log"
-  port_free "$port" || { log "port $port is in use; pick another --port-base"; ss -Htlnp "sport = :$port" >&2; exit 1; }
   CUR_SETUP="$setup"
   cd "$APP_DIR"
   case "$setup" in
@@ -165,13 +164,16 @@ start_setup() { # setup port
   local i ok=0
   for ((i = 0; i < 400; i++)); do
     case "$setup" in
-      processes-*) "$BIN" status --control "$TMP/$setup.sock" --json 2>/dev/null | grep -q '"ready":2' && ok=1 ;;
+      processes-*) "$BIN" status --control "$TMP/$setup.sock" --json 2>/dev/null | grep -Eq '"ready": *2,' && ok=1 ;;
       node-cluster-*) grep -q '^ready$' "$log_file" && ok=1 ;;
       pm2) [ "$("$PM2" jlist 2>/dev/null | grep -o '"status":"online"' | wc -l)" -ge 2 ] && ok=1 ;;
       single) ok=1 ;;
     esac
     if [ $ok = 1 ] && [ "$(curl -s --max-time 1 "http://127.0.0.1:$port/")" = hi ]; then return 0; fi
     ok=0
+    if [ -n "$CUR_PID" ] && ! kill -0 "$CUR_PID" 2>/dev/null; then
+      log "ERROR: $setup exited before it was ready; its log:"; tail -20 "$log_file" >&2; exit 1
+    fi
     sleep 0.05
   done
   log "ERROR: $setup did not become ready on port $port in 20 s; its log:"; tail -20 "$log_file" >&2
@@ -205,7 +207,8 @@ ticks() { # sum of utime+stime (clock ticks) over the given pids
 }
 
 # ---------------------------------------------------------------- measuring
-# results: lines "setup load rps p99_ms errors mgr_cpu workers_cpu wrk_cpu" in $TMP/results
+cpu_busy() { awk '$1 == "cpu" { print $2 + $3 + $4; exit }' /proc/stat; } # user+nice+system ticks, all CPUs
+# results: lines "setup load rps p99_ms errors mgr_cpu workers_cpu wrk_cpu others_cpu" in $TMP/results
 to_ms() { # wrk duration like 812.00us, 8.10ms, 1.02s
   awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) ; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'
 }
@@ -213,13 +216,13 @@ to_ms() { # wrk duration like 812.00us, 8.10ms, 1.02s
 run_wrk() { # setup load port
   local setup="$1" load="$2" port="$3" out="$TMP/wrk.out" hdr=()
   [ "$load" = close ] && hdr=(-H 'Connection: close')
-  local mgr workers m0 w0 m1 w1 hz
+  local mgr workers m0 w0 m1 w1 a0 a1 hz
   hz="$(getconf CLK_TCK)"
   mgr="$(manager_pid)"; workers="$(worker_pids | tr '\n' ' ')"
-  m0="$(ticks $mgr)"; w0="$(ticks $workers)"
+  m0="$(ticks $mgr)"; w0="$(ticks $workers)"; a0="$(cpu_busy)"
   # the subshell's `times` second line is wrk's own CPU (children of the subshell)
   ( wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$port/" >"$out"; times >"$TMP/times" )
-  m1="$(ticks $mgr)"; w1="$(ticks $workers)"
+  m1="$(ticks $mgr)"; w1="$(ticks $workers)"; a1="$(cpu_busy)"
   local rps p99 errs wrk_cpu
   rps="$(awk '/^Requests\/sec:/ { print $2 }' "$out")"
   p99="$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")"
@@ -228,8 +231,11 @@ run_wrk() { # setup load port
   local mgr_cpu="-"
   [ -n "$mgr" ] && mgr_cpu="$(awk -v a="$m0" -v b="$m1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.0f", 100 * (b - a) / hz / d }')"
   local w_cpu; w_cpu="$(awk -v a="$w0" -v b="$w1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.0f", 100 * (b - a) / hz / d }')"
-  echo "$setup $load ${rps:-0} ${p99:-0} $errs $mgr_cpu $w_cpu $wrk_cpu" >>"$TMP/results"
-  log "  $setup $load: ${rps:-0} req/s, p99 ${p99} ms, errors $errs, CPU% manager $mgr_cpu workers $w_cpu wrk $wrk_cpu"
+  # everything else that ran in user or system time meanwhile (other processes on the machine)
+  local others; others="$(awk -v a="$a0" -v b="$a1" -v hz="$hz" -v d="$DURATION" -v m="${mgr_cpu/-/0}" -v w="$w_cpu" -v k="$wrk_cpu" \
+    'BEGIN { o = 100 * (b - a) / hz / d - m - w - k; if (o < 0) o = 0; printf "%.0f", o }')"
+  echo "$setup $load ${rps:-0} ${p99:-0} $errs $mgr_cpu $w_cpu $wrk_cpu $others" >>"$TMP/results"
+  log "  $setup $load: ${rps:-0} req/s, p99 ${p99} ms, errors $errs, CPU% manager $mgr_cpu workers $w_cpu wrk $wrk_cpu others $others"
   if [ "$errs" != 0 ]; then grep -E 'Socket errors|Non-2xx' "$out" | sed 's/^/    /' >&2; fi
 }
 
@@ -241,6 +247,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     setup="${SETUPS[$(((k + r) % n))]}"
     idx=0; for ((j = 0; j < ${#ALL_SETUPS[@]}; j++)); do [ "${ALL_SETUPS[$j]}" = "$setup" ] && idx=$j; done
     port=$((PORT_BASE + idx))
+    while ! port_free "$port"; do port=$((port + 100)); done
     start_setup "$setup" "$port"
     wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null
     run_wrk "$setup" close "$port"
@@ -295,11 +302,13 @@ REPORT="$TMP/report.md"
   echo "CPU during the loads, median % of one core (2 cores = 200 %); \"manager\" is the process that"
   echo "owns the socket and dispatches: the \`processes\` master, the Node cluster primary, PM2's daemon."
   echo
-  echo "| setup | new conn: manager | workers | wrk | keep-alive: manager | workers | wrk |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "\"others\" is user+system time of everything else on the machine meanwhile (noise)."
+  echo
+  echo "| setup | new conn: manager | workers | wrk | others | keep-alive: manager | workers | wrk | others |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for s in "${ALL_SETUPS[@]}"; do
     [[ " ${SETUPS[*]} " == *" $s "* ]] || continue
-    echo "| $(label "$s") | $(col "$s" close 6) | $(col "$s" close 7) | $(col "$s" close 8) | $(col "$s" keepalive 6) | $(col "$s" keepalive 7) | $(col "$s" keepalive 8) |"
+    echo "| $(label "$s") | $(col "$s" close 6) | $(col "$s" close 7) | $(col "$s" close 8) | $(col "$s" close 9) | $(col "$s" keepalive 6) | $(col "$s" keepalive 7) | $(col "$s" keepalive 8) | $(col "$s" keepalive 9) |"
   done
 } >"$REPORT"
 

@@ -119,6 +119,15 @@ pub struct RunArgs {
     /// node or generic (default: node when the command is node).
     #[arg(long, value_name = "RUNTIME")]
     pub runtime: Option<String>,
+    /// How often every worker's load is sampled (and autoscaled pools steered).
+    #[arg(long, value_name = "DURATION")]
+    pub sample_interval: Option<String>,
+    /// Replace a worker whose RSS passes this (e.g. 512MiB): the new one starts first.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Kill a worker at once when its RSS passes this.
+    #[arg(long, value_name = "SIZE")]
+    pub kill_memory: Option<String>,
     /// Run every app in this file instead of a command.
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -159,7 +168,7 @@ impl RunArgs {
     /// Turns the flags (or the file they name) into a validated config.
     pub fn to_config(&self) -> Result<Config, crate::errors::StartError> {
         if let Some(file) = &self.config {
-            let app_flags: [(&str, bool); 11] = [
+            let app_flags: [(&str, bool); 14] = [
                 ("-i/--instances", self.instances.is_some()),
                 ("--autoscale", self.autoscale.is_some()),
                 ("--cwd", self.cwd.is_some()),
@@ -170,6 +179,9 @@ impl RunArgs {
                 ("--ready-after", self.ready_after.is_some()),
                 ("--dispatch", self.dispatch.is_some()),
                 ("--runtime", self.runtime.is_some()),
+                ("--sample-interval", self.sample_interval.is_some()),
+                ("--max-memory", self.max_memory.is_some()),
+                ("--kill-memory", self.kill_memory.is_some()),
                 ("COMMAND", !self.command.is_empty()),
             ];
             if let Some((flag, _)) = app_flags.iter().find(|(_, set)| *set) {
@@ -278,7 +290,29 @@ impl RunArgs {
                 ));
             }
         };
+        let sample_interval = match &self.sample_interval {
+            None => config::DEFAULT_SAMPLE_INTERVAL,
+            Some(s) => config::parse_duration(s)
+                .and_then(config::check_sample_interval)
+                .map_err(|m| err("--sample-interval", m))?,
+        };
+        let size = |field: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+            v.as_deref()
+                .map(|s| config::parse_size(s).map_err(|m| err(field, m)))
+                .transpose()
+        };
+        let max_memory = size("--max-memory", &self.max_memory)?;
+        let kill_memory = size("--kill-memory", &self.kill_memory)?;
+        if let (Some(soft), Some(hard)) = (max_memory, kill_memory)
+            && hard < soft
+        {
+            return Err(err(
+                "--kill-memory",
+                "is below --max-memory; the hard limit must be the higher one",
+            ));
+        }
         Ok(Config {
+            sample_interval,
             apps: vec![AppSpec {
                 name,
                 command: self.command.clone(),
@@ -292,6 +326,10 @@ impl RunArgs {
                 ready_after,
                 dispatch,
                 runtime,
+                preload: true,
+                tuning: config::Tuning::default(),
+                max_memory,
+                kill_memory,
             }],
             file: None,
         })

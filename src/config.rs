@@ -257,6 +257,40 @@ pub struct AppSpec {
     /// `None`: chosen by runtime (round-robin for Node, shared otherwise).
     pub dispatch: Option<Dispatch>,
     pub runtime: Runtime,
+    /// Inject the load-reporting preload into Node workers.
+    pub preload: bool,
+    /// Autoscaling tuning.
+    pub tuning: Tuning,
+    /// Past this RSS a worker is replaced (the new one first, then the old one drained).
+    pub max_memory: Option<u64>,
+    /// Past this RSS a worker is killed at once.
+    pub kill_memory: Option<u64>,
+}
+
+/// The autoscaling settings a user may change; the defaults and their reasons are
+/// `controller::Params`'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    /// The utilization to steer to.
+    pub setpoint: f64,
+    /// Workers per CPU at most.
+    pub cpu_factor: f64,
+    /// A smaller size is applied only when every recommendation of this window agrees.
+    pub down_window: Duration,
+    /// At most one worker removed per this interval.
+    pub down_interval: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let p = crate::controller::Params::default();
+        Tuning {
+            setpoint: p.setpoint,
+            cpu_factor: p.cpu_factor,
+            down_window: p.down_window,
+            down_interval: p.down_interval,
+        }
+    }
 }
 
 impl AppSpec {
@@ -273,12 +307,28 @@ impl AppSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub apps: Vec<AppSpec>,
+    /// How often the master samples every worker's load (and steers autoscaled pools).
+    pub sample_interval: Duration,
     /// Where the file came from, for `reload` to read it again.
     pub file: Option<PathBuf>,
 }
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_READY_AFTER: Duration = Duration::from_secs(1);
+pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Sampling faster than this costs more than it tells.
+pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Checks a sample interval: at least 100 ms, at most a minute.
+pub fn check_sample_interval(d: Duration) -> Result<Duration, String> {
+    if d < MIN_SAMPLE_INTERVAL {
+        return Err(format!("{d:?} is below the minimum of 100ms"));
+    }
+    if d > Duration::from_secs(60) {
+        return Err(format!("{d:?} is above the maximum of 60s"));
+    }
+    Ok(d)
+}
 
 /// Parses `10s`, `250ms`, `1.5s`, `2m`, `1h`, `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -557,6 +607,10 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
     })?;
     let mut top = Fields::new(origin, String::new(), table);
     let apps_table = top.take_table("apps")?;
+    let sample_interval = match top.take_duration("sample_interval")? {
+        Some(d) => check_sample_interval(d).map_err(|m| top.err("sample_interval", m))?,
+        None => DEFAULT_SAMPLE_INTERVAL,
+    };
     top.finish()?;
     let Some(apps_table) = apps_table else {
         return Err(ConfigError::new(
@@ -603,7 +657,11 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
         }
         apps.push(app);
     }
-    Ok(Config { apps, file: None })
+    Ok(Config {
+        apps,
+        sample_interval,
+        file: None,
+    })
 }
 
 fn parse_app(
@@ -621,7 +679,7 @@ fn parse_app(
     });
     let env = f.take_env("env")?;
     let instances = f.take_int("instances")?;
-    let autoscale = f.take_autoscale("autoscale")?;
+    let (autoscale, tuning) = f.take_autoscale("autoscale")?;
     let listen = f.take_listen("listen")?;
     let grace = f.take_duration("grace")?.unwrap_or(DEFAULT_GRACE);
     let ready_after = f
@@ -636,6 +694,9 @@ fn parse_app(
         "generic" | "other" => Ok(Runtime::Generic),
         _ => Err(format!("`{s}` is not a runtime; use node or generic")),
     })?;
+    let preload = f.take_bool("preload")?.unwrap_or(true);
+    let max_memory = f.take_size("max_memory")?;
+    let kill_memory = f.take_size("kill_memory")?;
     let backoff = match f.take_table("backoff")? {
         Some(t) => parse_backoff(origin, &format!("{path}.backoff"), t)?,
         None => BackoffParams::default(),
@@ -663,6 +724,14 @@ fn parse_app(
         (None, Some((min, max))) => Sizing::Auto { min, max },
         (None, None) => Sizing::Fixed(1),
     };
+    if let (Some(soft), Some(hard)) = (max_memory, kill_memory)
+        && hard < soft
+    {
+        return Err(f.err(
+            "kill_memory",
+            format!("{hard} bytes is below max_memory ({soft} bytes); the hard limit must be the higher one"),
+        ));
+    }
     let runtime = runtime.unwrap_or(if looks_like_node(&command) {
         Runtime::Node
     } else {
@@ -681,6 +750,10 @@ fn parse_app(
         ready_after,
         dispatch,
         runtime,
+        preload,
+        tuning,
+        max_memory,
+        kill_memory,
     })
 }
 
@@ -909,20 +982,37 @@ impl Fields {
         Ok(out)
     }
 
-    fn take_autoscale(&mut self, key: &str) -> Result<Option<(usize, usize)>, ConfigError> {
+    /// `autoscale`: `"min=A,max=B"` or `{ min, max, setpoint?, cpu_factor?, down_window?,
+    /// down_interval? }`. Returns the bounds (if set) and the tuning.
+    fn take_autoscale(
+        &mut self,
+        key: &str,
+    ) -> Result<(Option<(usize, usize)>, Tuning), ConfigError> {
+        let defaults = Tuning::default();
         match self.table.remove(key) {
-            None => Ok(None),
-            Some(toml::Value::String(s)) => parse_autoscale(&s).map(Some).map_err(|(sub, m)| {
-                if sub.is_empty() {
-                    self.err(key, m)
-                } else {
-                    self.err(&format!("{key}.{sub}"), m)
-                }
-            }),
+            None => Ok((None, defaults)),
+            Some(toml::Value::String(s)) => {
+                let bounds = parse_autoscale(&s).map_err(|(sub, m)| {
+                    if sub.is_empty() {
+                        self.err(key, m)
+                    } else {
+                        self.err(&format!("{key}.{sub}"), m)
+                    }
+                })?;
+                Ok((Some(bounds), defaults))
+            }
             Some(toml::Value::Table(t)) => {
                 let mut f = Fields::new(&self.origin, self.field(key), t);
                 let min = f.take_int("min")?;
                 let max = f.take_int("max")?;
+                let setpoint = f.take_float("setpoint")?.unwrap_or(defaults.setpoint);
+                let cpu_factor = f.take_float("cpu_factor")?.unwrap_or(defaults.cpu_factor);
+                let down_window = f
+                    .take_duration("down_window")?
+                    .unwrap_or(defaults.down_window);
+                let down_interval = f
+                    .take_duration("down_interval")?
+                    .unwrap_or(defaults.down_interval);
                 f.finish()?;
                 let min = min
                     .ok_or_else(|| f.err("min", "missing; set autoscale = { min = A, max = B }"))?;
@@ -933,11 +1023,54 @@ impl Fields {
                 };
                 let (min, max) = (to_usize("min", min)?, to_usize("max", max)?);
                 check_bounds(min, max).map_err(|(k, m)| f.err(k, m))?;
-                Ok(Some((min, max)))
+                if !(0.05..=0.95).contains(&setpoint) {
+                    return Err(f.err(
+                        "setpoint",
+                        format!("{setpoint} must be between 0.05 and 0.95"),
+                    ));
+                }
+                if !(0.1..=64.0).contains(&cpu_factor) {
+                    return Err(f.err(
+                        "cpu_factor",
+                        format!("{cpu_factor} must be between 0.1 and 64"),
+                    ));
+                }
+                Ok((
+                    Some((min, max)),
+                    Tuning {
+                        setpoint,
+                        cpu_factor,
+                        down_window,
+                        down_interval,
+                    },
+                ))
             }
             Some(v) => {
                 Err(self.type_err(key, "a table { min = A, max = B } or \"min=A,max=B\"", &v))
             }
+        }
+    }
+
+    fn take_bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.table.remove(key) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(b)),
+            Some(v) => Err(self.type_err(key, "true or false", &v)),
+        }
+    }
+
+    fn take_size(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.table.remove(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => parse_size(&s).map(Some).map_err(|m| self.err(key, m)),
+            Some(toml::Value::Integer(i)) if i > 0 => Ok(Some(i as u64)),
+            Some(v) => Err(self.err(
+                key,
+                format!(
+                    "expected a size string like \"512MiB\", found {}",
+                    v.type_str()
+                ),
+            )),
         }
     }
 }

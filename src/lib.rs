@@ -27,6 +27,7 @@ pub mod notify;
 pub mod output;
 pub mod pool;
 pub mod probes;
+pub mod sampler;
 pub mod sockets;
 pub mod spawn;
 pub mod unix;

@@ -123,6 +123,9 @@ pub struct Slot {
     pub parked: Option<ExitKind>,
     /// Workers started in this slot after the first.
     pub restarts: u32,
+    /// Start a replacement for the current worker, and stop the old one for this reason
+    /// once the new one is ready (memory limit).
+    pub replace: Option<StopReason>,
 }
 
 /// A rolling reload in progress.
@@ -275,6 +278,16 @@ impl Pool {
                 slot,
                 incoming: false,
             });
+        }
+
+        // Replacements asked for outside a reload (a worker past its memory limit).
+        for (&n, s) in &self.slots {
+            if s.replace.is_some() && s.current.is_some() && s.incoming.is_none() {
+                actions.push(Action::Spawn {
+                    slot: n,
+                    incoming: true,
+                });
+            }
         }
 
         // Fill empty slots whose restart is due (or that never started).
@@ -478,9 +491,9 @@ impl Pool {
         r
     }
 
-    /// Marks a worker ready. Returns the worker it replaces, if it was a reload
+    /// Marks a worker ready. Returns the worker it replaces and why, if it was a
     /// replacement (the caller stops that one).
-    pub fn on_ready(&mut self, id: WorkerId, now: Instant) -> Option<WorkerId> {
+    pub fn on_ready(&mut self, id: WorkerId, now: Instant) -> Option<(WorkerId, StopReason)> {
         let w = self.workers.get_mut(&id)?;
         if w.state != WorkerState::Starting {
             return None;
@@ -495,11 +508,39 @@ impl Pool {
         }
         let old = s.current.replace(id);
         s.incoming = None;
-        if let Some(r) = self.reload.as_mut() {
+        let reason = s.replace.take().unwrap_or(StopReason::Replaced);
+        if reason == StopReason::Replaced
+            && let Some(r) = self.reload.as_mut()
+        {
             r.active.remove(&slot);
             r.replaced += 1;
         }
-        old
+        old.map(|o| (o, reason))
+    }
+
+    /// Asks for a replacement of a worker that passed its memory limit: the new one
+    /// starts first, the old one drains when it is ready. Returns false if the slot is
+    /// already being replaced (or the worker is not its slot's current one).
+    pub fn replace_for_memory(&mut self, id: WorkerId) -> bool {
+        let Some(slot) = self.workers.get(&id).map(|w| w.slot) else {
+            return false;
+        };
+        let reloading = self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.active.contains(&slot));
+        match self.slots.get_mut(&slot) {
+            Some(s)
+                if s.current == Some(id)
+                    && s.incoming.is_none()
+                    && s.replace.is_none()
+                    && !reloading =>
+            {
+                s.replace = Some(StopReason::Memory);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks a worker as asked to stop and detaches it from its slot. Slots beyond the
@@ -560,9 +601,12 @@ impl Pool {
             return Some(ExitOutcome::Crashed(Restart::No));
         };
         if s.incoming == Some(id) {
-            // A reload replacement died before it was ready: the reload fails, the old
-            // worker stays. No backoff for the slot, whose worker is fine.
+            // A replacement died before it was ready: the old worker stays (and a reload
+            // fails). No backoff for the slot, whose worker is fine.
             s.incoming = None;
+            if s.replace.take().is_some() {
+                return Some(ExitOutcome::Crashed(Restart::No));
+            }
             if let Some(r) = self.reload.as_mut() {
                 r.active.remove(&w.slot);
             }
@@ -668,6 +712,10 @@ mod tests {
             ready_after: Duration::from_secs(1),
             dispatch: Some(Dispatch::Shared),
             runtime: Runtime::Generic,
+            preload: false,
+            tuning: Default::default(),
+            max_memory: None,
+            kill_memory: None,
         }
     }
 
@@ -697,7 +745,7 @@ mod tests {
                     },
                 ),
                 Action::MarkReady { worker } => {
-                    if let Some(old) = pool.on_ready(worker, now) {
+                    if let Some((old, _)) = pool.on_ready(worker, now) {
                         pool.on_stop_sent(
                             old,
                             Stopping {

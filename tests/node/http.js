@@ -8,6 +8,7 @@ function handler(req, res) {
     pid: process.pid,
     slot: process.env.PROCESSES_WORKER_ID,
     port: req.socket.localPort,
+    version: process.version,
     kind: 'cjs',
   });
   res.writeHead(200, {

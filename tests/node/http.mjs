@@ -7,6 +7,7 @@ const server = http.createServer((req, res) => {
     pid: process.pid,
     slot: process.env.PROCESSES_WORKER_ID,
     port: req.socket.localPort,
+    version: process.version,
     kind: typeof require === 'undefined' ? 'esm' : 'cjs',
   });
   res.writeHead(200, {

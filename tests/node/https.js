@@ -12,6 +12,7 @@ https
         pid: process.pid,
         slot: process.env.PROCESSES_WORKER_ID,
         port: req.socket.localPort,
+        version: process.version,
         kind: 'https',
       });
       res.writeHead(200, {

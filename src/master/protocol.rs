@@ -1,0 +1,509 @@
+//! The channel protocol as the master speaks it: Node's cluster acts, handle passing with
+//! Node's one-in-flight rule, and handing accepted connections to workers.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use super::*;
+
+impl Master {
+    // ---- the channel protocol -----------------------------------------------------------
+
+    pub(super) fn on_message(&mut self, id: WorkerId, value: Value, fd: Option<OwnedFd>) {
+        let Some(io) = self.io.get(&id) else { return };
+        let app = io.app;
+        let msg = node::classify(&value);
+        match msg {
+            FromWorker::HandleAck => self.on_handle_ack(id),
+            FromWorker::HandleNack => self.on_handle_nack(id),
+            FromWorker::Handle { .. } => {
+                // We have no use for handles a worker sends, but it waits for our ACK.
+                drop(fd);
+                self.send_raw(id, node::handle_ack(), None);
+            }
+            FromWorker::Online { .. } => {
+                if let Some(io) = self.io.get_mut(&id) {
+                    io.online = true;
+                }
+            }
+            FromWorker::QueryServer(q) => self.on_query_server(id, q),
+            FromWorker::Listening { .. } => self.mark_ready(app, id, Instant::now(), "listening"),
+            FromWorker::Ready => self.mark_ready(app, id, Instant::now(), "said ready"),
+            FromWorker::Close { key, .. } => {
+                if let Some(l) = self.listeners.iter().position(|l| l.keys.contains(&key))
+                    && let Some(io) = self.io.get_mut(&id)
+                {
+                    io.keys.remove(&l);
+                }
+            }
+            FromWorker::ExitedAfterDisconnect { seq } => {
+                self.send_plain(id, |s| node::ack(seq, s));
+            }
+            FromWorker::Reply { ack, accepted } => self.on_reply(id, ack, accepted),
+            FromWorker::Metrics(report) => self.on_load_report(id, &report),
+            FromWorker::Pong { id: ping } => self.on_pong(id, ping),
+            FromWorker::OtherCluster { act, .. } => debug!("cluster message {act:?} ignored"),
+            FromWorker::OtherInternal(cmd) => debug!("internal message {cmd} ignored"),
+            FromWorker::User(v) => debug!("[{}] message: {v}", self.pools[app].spec.name),
+        }
+    }
+
+    /// Sends a message built with our next `seq`, behind any unacknowledged handle.
+    pub(super) fn send_plain(&mut self, id: WorkerId, build: impl FnOnce(u64) -> Value) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        let seq = io.seq;
+        io.seq += 1;
+        let v = build(seq);
+        self.send_raw(id, v, None);
+    }
+
+    /// Sends a message (with a handle if `fd`), keeping Node's rule that nothing overtakes
+    /// an unacknowledged handle. ACKs are exempt: they are never held.
+    pub(super) fn send_raw(&mut self, id: WorkerId, value: Value, fd: Option<OwnedFd>) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        let Some(ch) = io.channel.clone() else { return };
+        let is_ack = value.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE_ACK");
+        if io.awaiting_ack.is_some() && !is_ack {
+            io.held.push_back((value, fd));
+            return;
+        }
+        match fd {
+            Some(fd) => {
+                let Ok(copy) = fd.try_clone() else { return };
+                ch.send(Outgoing::json(&value, Some(copy)));
+                io.awaiting_ack = Some(HandleInFlight {
+                    value,
+                    fd,
+                    retries: 0,
+                });
+            }
+            None => {
+                ch.send(Outgoing::json(&value, None));
+            }
+        }
+    }
+
+    pub(super) fn on_handle_ack(&mut self, id: WorkerId) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        io.awaiting_ack = None;
+        if let Some(c) = io.conn.as_mut() {
+            c.acked = true;
+            if c.seq.is_none() {
+                // A plain connection is done once the worker has it.
+                io.conn = None;
+            }
+        }
+        // Release what waited behind the handle, up to the next handle.
+        while self.io.get(&id).is_some_and(|io| io.awaiting_ack.is_none()) {
+            let Some((v, fd)) = self.io.get_mut(&id).and_then(|io| io.held.pop_front()) else {
+                break;
+            };
+            self.send_raw(id, v, fd);
+        }
+        let app = self.io.get(&id).map(|io| io.app);
+        if let Some(app) = app {
+            self.dispatch_app(app);
+        }
+    }
+
+    pub(super) fn on_handle_nack(&mut self, id: WorkerId) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        let Some(h) = io.awaiting_ack.as_mut() else {
+            return;
+        };
+        h.retries += 1;
+        if h.retries > MAX_HANDLE_RETRANSMISSIONS {
+            warn!(
+                "worker pid {} refused a handle {} times; giving up on it",
+                io.pid, h.retries
+            );
+            io.awaiting_ack = None;
+            if let Some(c) = io.conn.take() {
+                self.listeners[c.listener].queue.push_back(Queued {
+                    fd: c.fd,
+                    permit: c.permit,
+                });
+            }
+            return;
+        }
+        // Node wraps a retransmission in a second envelope; workers unwrap it.
+        let again = serde_json::json!({"cmd": "NODE_HANDLE", "type": "net.Native", "msg": h.value});
+        if let (Ok(copy), Some(ch)) = (h.fd.try_clone(), io.channel.as_ref()) {
+            ch.send(Outgoing::json(&again, Some(copy)));
+        }
+    }
+
+    pub(super) fn on_reply(&mut self, id: WorkerId, ack: u64, accepted: Option<bool>) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        let Some(c) = io.conn.take_if(|c| c.seq == Some(ack)) else {
+            return;
+        };
+        let app = io.app;
+        if accepted == Some(true) {
+            drop(c);
+        } else {
+            // The worker would not take it (its server is closing, or it is at
+            // maxConnections): someone else gets it.
+            self.listeners[c.listener].queue.push_front(Queued {
+                fd: c.fd,
+                permit: c.permit,
+            });
+        }
+        self.dispatch_app(app);
+    }
+
+    pub(super) fn on_query_server(&mut self, id: WorkerId, q: node::QueryServer) {
+        let Some(io) = self.io.get(&id) else { return };
+        let app = io.app;
+        let key = q.key();
+        let l = match self.listener_for(app, &q, &key) {
+            Ok(l) => l,
+            Err(errno) => {
+                warn!(
+                    "{}: cannot listen for a worker on port {}: {}",
+                    self.pools[app].spec.name,
+                    q.port,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, errno));
+                return;
+            }
+        };
+        if self.listeners[l].data.is_null() && !q.data.is_null() {
+            self.listeners[l].data = q.data.clone();
+        }
+        let data = self.listeners[l].data.clone();
+        if let Some(io) = self.io.get_mut(&id) {
+            io.keys.insert(l);
+            io.queried_any = true;
+        }
+        if let Some(w) = self.pools[app].workers.get_mut(&id)
+            && w.state == WorkerState::Starting
+        {
+            w.listen_pending = true;
+        }
+        let entry = &self.listeners[l];
+        if entry.passing && !entry.udp {
+            let sockname = match entry.listener.local {
+                ListenAddr::Tcp(a) => Some(node::sockname(&std::net::SocketAddr::new(
+                    a.ip(),
+                    if q.port > 0 { q.port as u16 } else { a.port() },
+                ))),
+                ListenAddr::Unix(_) => None,
+            };
+            self.send_plain(id, |seq| {
+                node::reply_round_robin(q.seq, seq, &key, &data, sockname)
+            });
+            self.start_accepting(l);
+            self.dispatch(l);
+        } else {
+            let udp = entry.udp;
+            let Ok(fd) = entry.listener.fd.try_clone() else {
+                return;
+            };
+            let Some(io) = self.io.get_mut(&id) else {
+                return;
+            };
+            let seq = io.seq;
+            io.seq += 1;
+            probes::handle_pass(
+                self.pools[app].spec.name.as_str(),
+                io.slot,
+                io.pid,
+                fd.as_raw_fd(),
+                HandleKind::Listener,
+            );
+            self.send_raw(
+                id,
+                node::reply_shared(q.seq, seq, &key, &data, udp),
+                Some(fd),
+            );
+        }
+    }
+
+    /// Finds or binds the listener a `queryServer` asks for. Errors are errno values.
+    pub(super) fn listener_for(
+        &mut self,
+        app: usize,
+        q: &node::QueryServer,
+        key: &str,
+    ) -> Result<usize, i32> {
+        if let Some(i) = self
+            .listeners
+            .iter()
+            .position(|l| l.app == app && l.keys.contains(key))
+        {
+            return Ok(i);
+        }
+        // A port the app configured with `listen` is that listener.
+        if q.port > 0
+            && !q.address_type.is_udp()
+            && let Some(i) = self.listeners.iter().position(|l| {
+                l.app == app && l.configured && l.listener.port() == Some(q.port as u16)
+            })
+        {
+            self.listeners[i].keys.insert(key.to_string());
+            return Ok(i);
+        }
+        let (fd, local, udp) =
+            bind_for_node(q).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+        let passing = self.pools[app].spec.dispatch().passes();
+        let mut keys = BTreeSet::new();
+        keys.insert(key.to_string());
+        info!(
+            "{}: listening on {local} (asked by a worker)",
+            self.pools[app].spec.name
+        );
+        self.listeners.push(ListenerEntry {
+            app,
+            listener: Listener {
+                requested: local.clone(),
+                local,
+                fd,
+            },
+            configured: false,
+            keys,
+            data: Value::Null,
+            udp,
+            passing: passing && !udp,
+            queue: VecDeque::new(),
+            last: None,
+            accept_started: false,
+            passed: 0,
+        });
+        Ok(self.listeners.len() - 1)
+    }
+
+    // ---- passing connections ------------------------------------------------------------
+
+    pub(super) fn start_accepting(&mut self, l: usize) {
+        let entry = &mut self.listeners[l];
+        if !entry.passing || entry.accept_started || entry.udp {
+            return;
+        }
+        let Ok(fd) = entry.listener.fd.try_clone() else {
+            return;
+        };
+        entry.accept_started = true;
+        let events = self.events.clone();
+        tokio::spawn(accept_loop(l, fd, events));
+    }
+
+    pub(super) fn dispatch_app(&mut self, app: usize) {
+        for l in 0..self.listeners.len() {
+            if self.listeners[l].app == app && !self.listeners[l].queue.is_empty() {
+                self.dispatch(l);
+            }
+        }
+    }
+
+    /// Hands queued connections of listener `l` to workers while any can take one.
+    pub(super) fn dispatch(&mut self, l: usize) {
+        while !self.listeners[l].queue.is_empty() {
+            let app = self.listeners[l].app;
+            let mode = self.pools[app].spec.dispatch();
+            let candidates: Vec<Candidate> = self.pools[app]
+                .workers
+                .values()
+                .filter(|w| w.state != WorkerState::Draining)
+                .filter_map(|w| {
+                    let io = self.io.get(&w.id)?;
+                    io.channel.as_ref()?;
+                    let eligible = if io.keys.contains(&l) {
+                        true
+                    } else {
+                        // A worker that is no cluster server takes plain connections from
+                        // a configured listener once it is ready.
+                        self.listeners[l].configured
+                            && !io.queried_any
+                            && w.state == WorkerState::Ready
+                    };
+                    eligible.then_some(Candidate {
+                        worker: w.id,
+                        in_flight: u32::from(io.conn.is_some() || io.awaiting_ack.is_some()),
+                        open: 0,
+                        busy: w.busy.unwrap_or(0.0),
+                    })
+                })
+                .collect();
+            let Some(target) = dispatch::choose(mode, &candidates, self.listeners[l].last) else {
+                return;
+            };
+            let Some(q) = self.listeners[l].queue.pop_front() else {
+                return;
+            };
+            self.listeners[l].last = Some(target);
+            self.listeners[l].passed += 1;
+            self.pass_connection(l, target, q);
+        }
+    }
+
+    pub(super) fn pass_connection(&mut self, l: usize, id: WorkerId, q: Queued) {
+        let Some(io) = self.io.get_mut(&id) else {
+            return;
+        };
+        let cluster = io.keys.contains(&l);
+        io.passed += 1;
+        let (value, seq) = if cluster {
+            let key = self.listeners[l]
+                .keys
+                .iter()
+                .next()
+                .cloned()
+                .unwrap_or_default();
+            let seq = io.seq;
+            io.seq += 1;
+            (node::newconn(seq, &key), Some(seq))
+        } else {
+            (
+                node::connection(l, &self.listeners[l].listener.local.to_string()),
+                None,
+            )
+        };
+        let Ok(copy) = q.fd.try_clone() else { return };
+        io.conn = Some(ConnInFlight {
+            listener: l,
+            seq,
+            fd: q.fd,
+            permit: q.permit,
+            acked: false,
+        });
+        probes::handle_pass(
+            self.pools[self.listeners[l].app].spec.name.as_str(),
+            io.slot,
+            io.pid,
+            copy.as_raw_fd(),
+            HandleKind::Connection,
+        );
+        self.send_raw(id, value, Some(copy));
+    }
+}
+
+/// Binds what a Node worker asked for: `null` means every address (`::`, dual-stack, as
+/// Node's own primary does).
+fn bind_for_node(q: &node::QueryServer) -> std::io::Result<(OwnedFd, ListenAddr, bool)> {
+    use node::AddressType;
+    let port = u16::try_from(q.port.max(0)).unwrap_or(0);
+    let fd_and_addr = match q.address_type {
+        AddressType::Pipe => {
+            let path = std::path::PathBuf::from(q.address.clone().unwrap_or_default());
+            let fd = sockets::bind_unix(&path)?;
+            (fd, ListenAddr::Unix(path), false)
+        }
+        AddressType::Udp4 | AddressType::Udp6 => {
+            let ip: std::net::IpAddr = match q.address.as_deref() {
+                Some(a) => a
+                    .parse()
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?,
+                None if q.address_type == AddressType::Udp6 => {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                }
+                None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            };
+            let addr = std::net::SocketAddr::new(ip, port);
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM.cloexec(),
+                None,
+            )?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.set_nonblocking(true)?;
+            let local = s.local_addr()?.as_socket().unwrap_or(addr);
+            (s.into(), ListenAddr::Tcp(local), true)
+        }
+        AddressType::Tcp4 | AddressType::Tcp6 => {
+            let ip: std::net::IpAddr = match q.address.as_deref() {
+                Some(a) => a
+                    .parse()
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?,
+                None => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            let fd = match sockets::bind_tcp(std::net::SocketAddr::new(ip, port)) {
+                // No IPv6 on this machine: fall back to every IPv4 address.
+                Err(e) if q.address.is_none() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    sockets::bind_tcp(std::net::SocketAddr::new(
+                        std::net::Ipv4Addr::UNSPECIFIED.into(),
+                        port,
+                    ))?
+                }
+                other => other?,
+            };
+            let local = sockets::local_tcp_addr(&fd)?;
+            (fd, ListenAddr::Tcp(local), false)
+        }
+    };
+    spawn::set_nonblocking(&fd_and_addr.0, true)?;
+    Ok(fd_and_addr)
+}
+
+/// Accepts connections on a passing listener and sends them to the loop. A semaphore caps
+/// how many wait in the master: past that, the kernel's backlog queues them.
+async fn accept_loop(l: usize, fd: OwnedFd, events: mpsc::Sender<Event>) {
+    let Ok(afd) = unix::async_fd(fd, tokio::io::Interest::READABLE) else {
+        return;
+    };
+    let permits = Arc::new(Semaphore::new(MAX_QUEUED_PER_LISTENER));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let conn = loop {
+            let Ok(mut guard) = afd.readable().await else {
+                return;
+            };
+            match guard.try_io(|inner| accept_nonblocking(inner.get_ref().as_raw_fd())) {
+                Ok(Ok(fd)) => break fd,
+                Ok(Err(e)) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EINTR)
+                    ) {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                Err(_would_block) => continue,
+            }
+        };
+        if events.send(Event::Accepted(l, conn, permit)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `accept4` with the connection non-blocking (Node needs that) and close-on-exec.
+fn accept_nonblocking(fd: i32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4 with null address pointers only returns a new fd or -1.
+    let r = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: r is a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
