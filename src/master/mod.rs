@@ -95,7 +95,6 @@ struct ListenerEntry {
     /// The master accepts on it and passes connections.
     passing: bool,
     queue: VecDeque<Queued>,
-    last: Option<WorkerId>,
     accept_started: bool,
     passed: u64,
 }
@@ -140,6 +139,8 @@ struct WorkerIo {
     held: VecDeque<(Value, Option<OwnedFd>)>,
     conn: Option<ConnInFlight>,
     passed: u64,
+    /// Connections given to it, counted from the level it joined at (see `dispatch`).
+    served: u64,
     load: sampling::Load,
 }
 
@@ -196,7 +197,6 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 udp: false,
                 passing,
                 queue: VecDeque::new(),
-                last: None,
                 accept_started: false,
                 passed: 0,
             });
@@ -432,6 +432,14 @@ impl Master {
                 let channel = master_end.and_then(|fd| {
                     channel::start(fd, self.events.clone(), move |inc| Event::Channel(id, inc)).ok()
                 });
+                // A new worker starts level with the least-served of its app, so that
+                // round-robin does not send it everything until it has "caught up".
+                let served = self.pools[app]
+                    .workers
+                    .keys()
+                    .filter_map(|w| self.io.get(w).map(|io| io.served))
+                    .min()
+                    .unwrap_or(0);
                 self.pools[app].on_spawned(slot, incoming, id, pid, now);
                 probes::worker_spawn_with(spec.name.as_str(), slot, pid, || spec.command.join(" "));
                 self.pids.insert(pid, (app, id));
@@ -450,6 +458,7 @@ impl Master {
                         held: VecDeque::new(),
                         conn: None,
                         passed: 0,
+                        served,
                         load: sampling::Load::default(),
                     },
                 );

@@ -283,7 +283,6 @@ impl Master {
             udp,
             passing: passing && !udp,
             queue: VecDeque::new(),
-            last: None,
             accept_started: false,
             passed: 0,
         });
@@ -337,18 +336,18 @@ impl Master {
                     eligible.then_some(Candidate {
                         worker: w.id,
                         in_flight: u32::from(io.conn.is_some() || io.awaiting_ack.is_some()),
-                        open: 0,
+                        open: io.load.open,
                         busy: w.busy.unwrap_or(0.0),
+                        served: io.served,
                     })
                 })
                 .collect();
-            let Some(target) = dispatch::choose(mode, &candidates, self.listeners[l].last) else {
+            let Some(target) = dispatch::choose(mode, &candidates) else {
                 return;
             };
             let Some(q) = self.listeners[l].queue.pop_front() else {
                 return;
             };
-            self.listeners[l].last = Some(target);
             self.listeners[l].passed += 1;
             self.pass_connection(l, target, q);
         }
@@ -360,6 +359,7 @@ impl Master {
         };
         let cluster = io.keys.contains(&l);
         io.passed += 1;
+        io.served += 1;
         let (value, seq) = if cluster {
             let key = self.listeners[l]
                 .keys

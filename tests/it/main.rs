@@ -1,6 +1,7 @@
 //! Integration tests: real masters, real workers, real sockets. One binary, one module
 //! per area; `common` is the harness.
 
+mod autoscale;
 mod common;
 mod config_errors;
 mod node;
