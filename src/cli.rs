@@ -122,6 +122,9 @@ pub struct RunArgs {
     /// How often every worker's load is sampled (and autoscaled pools steered).
     #[arg(long, value_name = "DURATION")]
     pub sample_interval: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Replace a worker whose RSS passes this (e.g. 512MiB): the new one starts first.
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<String>,
@@ -168,7 +171,7 @@ impl RunArgs {
     /// Turns the flags (or the file they name) into a validated config.
     pub fn to_config(&self) -> Result<Config, crate::errors::StartError> {
         if let Some(file) = &self.config {
-            let app_flags: [(&str, bool); 14] = [
+            let app_flags: [(&str, bool); 13] = [
                 ("-i/--instances", self.instances.is_some()),
                 ("--autoscale", self.autoscale.is_some()),
                 ("--cwd", self.cwd.is_some()),
@@ -179,7 +182,6 @@ impl RunArgs {
                 ("--ready-after", self.ready_after.is_some()),
                 ("--dispatch", self.dispatch.is_some()),
                 ("--runtime", self.runtime.is_some()),
-                ("--sample-interval", self.sample_interval.is_some()),
                 ("--max-memory", self.max_memory.is_some()),
                 ("--kill-memory", self.kill_memory.is_some()),
                 ("COMMAND", !self.command.is_empty()),
@@ -191,9 +193,26 @@ impl RunArgs {
                 )
                 .into());
             }
-            return config::load_file(file);
+            let mut config = config::load_file(file)?;
+            self.apply_master_flags(&mut config)?;
+            return Ok(config);
         }
-        Ok(self.app_from_flags()?)
+        let mut config = self.app_from_flags()?;
+        self.apply_master_flags(&mut config)?;
+        Ok(config)
+    }
+
+    /// Master-wide flags, which also override a config file's values.
+    fn apply_master_flags(&self, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(s) = &self.sample_interval {
+            config.sample_interval = config::parse_duration(s)
+                .and_then(config::check_sample_interval)
+                .map_err(|m| err("--sample-interval", m))?;
+        }
+        if let Some(s) = &self.metrics {
+            config.metrics = Some(config::parse_metrics_addr(s).map_err(|m| err("--metrics", m))?);
+        }
+        Ok(())
     }
 
     fn app_from_flags(&self) -> Result<Config, ConfigError> {
@@ -290,12 +309,6 @@ impl RunArgs {
                 ));
             }
         };
-        let sample_interval = match &self.sample_interval {
-            None => config::DEFAULT_SAMPLE_INTERVAL,
-            Some(s) => config::parse_duration(s)
-                .and_then(config::check_sample_interval)
-                .map_err(|m| err("--sample-interval", m))?,
-        };
         let size = |field: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
             v.as_deref()
                 .map(|s| config::parse_size(s).map_err(|m| err(field, m)))
@@ -312,7 +325,8 @@ impl RunArgs {
             ));
         }
         Ok(Config {
-            sample_interval,
+            sample_interval: config::DEFAULT_SAMPLE_INTERVAL,
+            metrics: None,
             apps: vec![AppSpec {
                 name,
                 command: self.command.clone(),

@@ -309,6 +309,8 @@ pub struct Config {
     pub apps: Vec<AppSpec>,
     /// How often the master samples every worker's load (and steers autoscaled pools).
     pub sample_interval: Duration,
+    /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
+    pub metrics: Option<SocketAddr>,
     /// Where the file came from, for `reload` to read it again.
     pub file: Option<PathBuf>,
 }
@@ -318,6 +320,16 @@ pub const DEFAULT_READY_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Sampling faster than this costs more than it tells.
 pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A TCP address for the metrics endpoint (`HOST:PORT` or `:PORT`).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    match ListenAddr::parse(s)? {
+        ListenAddr::Tcp(a) => Ok(a),
+        ListenAddr::Unix(_) => Err(format!(
+            "`{s}` is a unix socket path; metrics need a TCP address like 127.0.0.1:9464"
+        )),
+    }
+}
 
 /// Checks a sample interval: at least 100 ms, at most a minute.
 pub fn check_sample_interval(d: Duration) -> Result<Duration, String> {
@@ -607,6 +619,10 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
     })?;
     let mut top = Fields::new(origin, String::new(), table);
     let apps_table = top.take_table("apps")?;
+    let metrics = match top.take_string("metrics")? {
+        None => None,
+        Some(s) => Some(parse_metrics_addr(&s).map_err(|m| top.err("metrics", m))?),
+    };
     let sample_interval = match top.take_duration("sample_interval")? {
         Some(d) => check_sample_interval(d).map_err(|m| top.err("sample_interval", m))?,
         None => DEFAULT_SAMPLE_INTERVAL,
@@ -660,6 +676,7 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
     Ok(Config {
         apps,
         sample_interval,
+        metrics,
         file: None,
     })
 }

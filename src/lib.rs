@@ -22,6 +22,7 @@ pub mod controller;
 pub mod dispatch;
 pub mod errors;
 pub mod master;
+pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod output;

@@ -31,8 +31,17 @@ pub struct TaskStat {
 
 impl TaskStat {
     pub fn open(pid: i32) -> io::Result<TaskStat> {
+        Self::open_path(&format!("/proc/{pid}/task/{pid}/stat"))
+    }
+
+    /// The whole process (every thread), for the master's own figures.
+    pub fn process(pid: i32) -> io::Result<TaskStat> {
+        Self::open_path(&format!("/proc/{pid}/stat"))
+    }
+
+    fn open_path(path: &str) -> io::Result<TaskStat> {
         Ok(TaskStat {
-            file: File::open(format!("/proc/{pid}/task/{pid}/stat"))?,
+            file: File::open(path)?,
             buf: vec![0; 1024],
         })
     }

@@ -38,6 +38,7 @@ use crate::spawn::{self, SpawnPlan};
 use crate::unix;
 
 mod protocol;
+mod record;
 mod sampling;
 mod status;
 
@@ -165,6 +166,8 @@ struct Master {
     autos: Vec<Option<sampling::Auto>>,
     /// The Node preload, written out at start.
     preload: Option<sampling::PreloadFile>,
+    /// The Prometheus recorder, when `--metrics` is on.
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Starts the master and runs it until it stops. Returns the process exit code.
@@ -202,6 +205,27 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             });
         }
     }
+
+    let metrics_listener = match opts.config.metrics {
+        Some(addr) => Some(
+            crate::metrics::bind(addr).map_err(|source| StartError::Bind {
+                field: if opts.config.file.is_some() {
+                    "metrics".into()
+                } else {
+                    "--metrics".into()
+                },
+                addr: addr.to_string(),
+                hint: match source.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        "; something else is listening there: stop it or pick another address"
+                    }
+                    _ => "",
+                },
+                source,
+            })?,
+        ),
+        None => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -244,7 +268,17 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             sampling: sampling::Sampling::new(opts.config.sample_interval),
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
+            metrics: None,
         };
+        if let Some(listener) = metrics_listener {
+            match crate::metrics::install(opts.config.sample_interval) {
+                Ok(handle) => {
+                    crate::metrics::serve(listener, handle.clone());
+                    master.metrics = Some(handle);
+                }
+                Err(e) => warn!("metrics: cannot install the recorder: {e}"),
+            }
+        }
         if opts
             .config
             .apps
@@ -440,6 +474,14 @@ impl Master {
                     .filter_map(|w| self.io.get(w).map(|io| io.served))
                     .min()
                     .unwrap_or(0);
+                if incoming {
+                    let reason = self.pools[app]
+                        .slots
+                        .get(&slot)
+                        .and_then(|s| s.replace)
+                        .unwrap_or(StopReason::Replaced);
+                    record::replacement(spec.name.as_str(), reason);
+                }
                 self.pools[app].on_spawned(slot, incoming, id, pid, now);
                 probes::worker_spawn_with(spec.name.as_str(), slot, pid, || spec.command.join(" "));
                 self.pids.insert(pid, (app, id));
@@ -564,7 +606,7 @@ impl Master {
         };
         let spawned = spawn::spawn(&plan)?;
         for l in &inherited {
-            probes::handle_pass(
+            record::handle_pass(
                 spec.name.as_str(),
                 slot,
                 spawned.pid,
@@ -725,21 +767,17 @@ impl Master {
             ExitKind::Code(c) => format!("exited with code {c}"),
             ExitKind::Signal(s) => format!("was killed by {}", unix::signal_name(s)),
         };
-        let (code, sig) = match exit {
-            ExitKind::Code(c) => (c, 0),
-            ExitKind::Signal(s) => (-1, s),
-        };
         let outcome = pool.on_exit(id, exit, now, jitter);
         let uptime_ms = uptime.as_millis() as u64;
         match outcome {
-            Some(ExitOutcome::Asked(_)) => {
-                probes::worker_exit(name.as_str(), slot, pid, code, sig, uptime_ms)
+            Some(ExitOutcome::Asked(reason)) => {
+                record::worker_exit(name.as_str(), slot, pid, exit, uptime_ms, Some(reason))
             }
-            Some(_) => probes::worker_crash(name.as_str(), slot, pid, code, sig, uptime_ms),
+            Some(_) => record::worker_exit(name.as_str(), slot, pid, exit, uptime_ms, None),
             None => {}
         }
         if let Some(ExitOutcome::Crashed(Restart::After { delay, attempt, .. })) = outcome {
-            probes::restart_scheduled(name.as_str(), slot, attempt, delay.as_millis() as u64);
+            record::restart_scheduled(name.as_str(), slot, attempt, delay.as_millis() as u64);
         }
         match outcome {
             None => {}
@@ -865,7 +903,7 @@ impl Master {
                     pool.spec.sizing.bounds()
                 );
             } else {
-                probes::scale(pool.spec.name.as_str(), before as u32, now as u32, "signal");
+                record::scale(pool.spec.name.as_str(), before, now, "signal");
                 info!("{}: {before} → {now} workers (by hand)", pool.spec.name);
             }
         }
@@ -914,6 +952,7 @@ impl Master {
         let name = self.pools[app].spec.name.clone();
         if let Some(v) = &reason {
             warn!("[{name}:{slot}] pid {pid} {v}; its channel is closed");
+            crate::metrics::violation(name.as_str(), v.label());
         }
         // A connection it had not acknowledged goes to another worker.
         let conn = io.conn.take_if(|c| !c.acked);

@@ -222,7 +222,7 @@ impl Master {
             };
             let seq = io.seq;
             io.seq += 1;
-            probes::handle_pass(
+            record::handle_pass(
                 self.pools[app].spec.name.as_str(),
                 io.slot,
                 io.pid,
@@ -384,7 +384,7 @@ impl Master {
             permit: q.permit,
             acked: false,
         });
-        probes::handle_pass(
+        record::handle_pass(
             self.pools[self.listeners[l].app].spec.name.as_str(),
             io.slot,
             io.pid,

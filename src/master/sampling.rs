@@ -95,6 +95,8 @@ pub struct Sampling {
     pub last_tick: Duration,
     pub max_tick: Duration,
     pub ticks: u64,
+    /// The master's own `/proc/self/stat`.
+    me: Option<TaskStat>,
 }
 
 impl Sampling {
@@ -108,6 +110,7 @@ impl Sampling {
             last_tick: Duration::ZERO,
             max_tick: Duration::ZERO,
             ticks: 0,
+            me: TaskStat::process(std::process::id() as i32).ok(),
         }
     }
 }
@@ -158,11 +161,23 @@ impl Master {
         for app in 0..self.pools.len() {
             self.sample_app(app, now, &host);
         }
+        crate::metrics::host_tick(host.cpus, host.cpu_busy, host.mem_headroom);
         self.sampling.last_host = Some(host);
         let took = started.elapsed();
         self.sampling.last_tick = took;
         self.sampling.max_tick = self.sampling.max_tick.max(took);
         self.sampling.ticks += 1;
+        if let Some(handle) = &self.metrics {
+            if let Some(me) = self.sampling.me.as_mut().and_then(|s| s.read().ok()) {
+                crate::metrics::master_tick(
+                    took,
+                    me.cpu_ticks as f64 / self.sampling.hz as f64,
+                    me.rss_bytes,
+                    self.output.dropped_total(),
+                );
+            }
+            handle.run_upkeep();
+        }
     }
 
     fn sample_app(&mut self, app: usize, now: Instant, host: &HostSample) {
@@ -221,6 +236,7 @@ impl Master {
             if state == WorkerState::Draining {
                 continue;
             }
+            crate::metrics::worker_tick(name.as_str(), slot, busy, rss, lag);
             rss_all.push(rss);
             if state == WorkerState::Ready {
                 ready_busy.push(busy.unwrap_or(0.0));
@@ -249,16 +265,32 @@ impl Master {
             }
         }
 
-        let backlog: u64 = self
-            .listeners
-            .iter()
-            .filter(|l| l.app == app)
-            .map(|l| {
-                let kernel = sockets::accept_backlog(l.listener.fd.as_fd()).map_or(0, |b| b.0);
-                l.queue.len() as u64 + u64::from(kernel)
-            })
-            .sum();
+        let mut backlog = 0u64;
+        let mut queued = 0usize;
+        for (i, l) in self.listeners.iter().filter(|l| l.app == app).enumerate() {
+            let kernel = sockets::accept_backlog(l.listener.fd.as_fd()).map_or(0, |b| b.0);
+            crate::metrics::listener_tick(name.as_str(), i, kernel);
+            backlog += l.queue.len() as u64 + u64::from(kernel);
+            queued += l.queue.len();
+        }
+        let utilization = (!ready_busy.is_empty())
+            .then(|| ready_busy.iter().sum::<f64>() / ready_busy.len() as f64);
+        self.steer(app, now, host, utilization, ready_lag, backlog, rss_all);
+        self.record_app_figures(app, host, utilization, queued);
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    fn steer(
+        &mut self,
+        app: usize,
+        now: Instant,
+        host: &HostSample,
+        utilization: Option<f64>,
+        ready_lag: Option<Duration>,
+        backlog: u64,
+        mut rss_all: Vec<u64>,
+    ) {
+        let name = self.pools[app].spec.name.clone();
         let Some(auto) = self.autos[app].as_mut() else {
             return;
         };
@@ -275,8 +307,7 @@ impl Master {
             size: pool.size(),
             ready: pool.ready(),
             starting,
-            utilization: (!ready_busy.is_empty())
-                .then(|| ready_busy.iter().sum::<f64>() / ready_busy.len() as f64),
+            utilization,
             lag_p99: ready_lag,
             backlog,
             min,
@@ -293,16 +324,61 @@ impl Master {
             let after = self.pools[app].set_target(decision.desired);
             if after != before {
                 info!("{name}: {before} → {after} workers ({decision})");
-                probes::scale(
-                    name.as_str(),
-                    before as u32,
-                    after as u32,
-                    decision.reason.label(),
-                );
+                record::scale(name.as_str(), before, after, decision.reason.label());
                 auto.last_change = Some((decision.clone(), before, now));
             }
         }
         auto.last = Some(decision);
+    }
+
+    /// Sets the app's gauges for this tick.
+    fn record_app_figures(
+        &self,
+        app: usize,
+        host: &HostSample,
+        utilization: Option<f64>,
+        queued: usize,
+    ) {
+        let pool = &self.pools[app];
+        let count = |s: WorkerState| pool.workers.values().filter(|w| w.state == s).count();
+        let (min, max) = pool.spec.sizing.bounds();
+        let decision = self.autos[app].as_ref().and_then(|a| a.last.as_ref());
+        let (upper, bound) = match decision {
+            Some(d) => {
+                let cgroup = match d.bound {
+                    controller::Bound::Cpu => host.cpu_source == "cgroup",
+                    controller::Bound::Memory => host.mem_source == "cgroup",
+                    _ => false,
+                };
+                (d.upper, if cgroup { "cgroup" } else { d.bound.label() })
+            }
+            // A fixed pool is held at its size by configuration.
+            None => (pool.target, "max"),
+        };
+        let at_bound = pool.size() >= upper;
+        crate::metrics::app_tick(&crate::metrics::AppFigures {
+            app: pool.spec.name.as_str(),
+            starting: count(WorkerState::Starting),
+            ready: count(WorkerState::Ready),
+            draining: count(WorkerState::Draining),
+            desired: pool.target,
+            min,
+            max,
+            upper,
+            bound,
+            crash_looping: pool
+                .slots
+                .values()
+                .filter(|s| s.backoff.crash_looping)
+                .count(),
+            utilization,
+            saturation: crate::metrics::saturation(
+                at_bound,
+                utilization,
+                pool.spec.tuning.setpoint,
+            ),
+            queue: queued,
+        });
     }
 
     /// A message from our preload.

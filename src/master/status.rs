@@ -52,7 +52,7 @@ impl Master {
                 let before = self.pools[i].target;
                 let after = self.pools[i].set_target(n);
                 if after != before {
-                    probes::scale(app.as_str(), before as u32, after as u32, "control");
+                    record::scale(app.as_str(), before, after, "control");
                     info!("{app}: {before} → {after} workers (processes scale)");
                 }
                 Reply::ok(serde_json::json!({"app": app, "from": before, "to": after}))
