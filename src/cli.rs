@@ -34,12 +34,14 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show apps and workers of a running master.
     Status(StatusArgs),
-    /// Set an app's number of workers.
+    /// Set an app's number of workers, or its autoscaling bounds.
     Scale(ScaleArgs),
     /// Replace an app's workers one batch at a time, without dropping connections.
     Reload(ReloadArgs),
-    /// Stop a running master and all its workers.
-    Stop(Target),
+    /// Replace one worker: its replacement starts first, then it is drained.
+    Restart(RestartArgs),
+    /// Stop one app, or the whole master and all its workers.
+    Stop(StopArgs),
 }
 
 /// Which running master a client command talks to.
@@ -67,8 +69,44 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
     pub app: String,
-    /// The number of workers.
-    pub n: usize,
+    /// A number of workers (a fixed pool), or min=A,max=B (autoscaling bounds).
+    #[arg(value_name = "N|min=A,max=B")]
+    pub size: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+impl ScaleArgs {
+    /// `(n, min, max)` for the request.
+    pub fn parse_size(&self) -> Result<(Option<usize>, Option<usize>, Option<usize>), ConfigError> {
+        if let Ok(n) = self.size.trim().parse::<i64>() {
+            let n = config::check_instances(n).map_err(|m| err("N", m))?;
+            return Ok((Some(n), None, None));
+        }
+        let (min, max) = config::parse_autoscale(&self.size).map_err(|(sub, m)| {
+            if sub.is_empty() {
+                err("N|min=A,max=B", format!("{m}, or a number of workers"))
+            } else {
+                err("N|min=A,max=B", format!("{sub} {m}"))
+            }
+        })?;
+        Ok((None, Some(min), Some(max)))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    pub app: String,
+    /// The worker's slot (`processes status` shows them).
+    pub slot: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Only this app (default: the whole master).
+    pub app: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }

@@ -36,17 +36,65 @@ pub enum Request {
         #[serde(default)]
         app: Option<String>,
     },
+    /// A fixed size (`n`), or new autoscaling bounds (`min`, `max`).
     Scale {
         app: String,
-        n: usize,
+        #[serde(default)]
+        n: Option<usize>,
+        #[serde(default)]
+        min: Option<usize>,
+        #[serde(default)]
+        max: Option<usize>,
     },
+    /// A rolling reload; the reply comes when it is done, with progress lines before.
     Reload {
         #[serde(default)]
         app: Option<String>,
         #[serde(default)]
         batch: Option<usize>,
     },
-    Stop,
+    /// Replace one slot's worker: the new one first, then the old one drained.
+    Restart { app: String, slot: u32 },
+    /// Stop one app, or the whole master.
+    Stop {
+        #[serde(default)]
+        app: Option<String>,
+    },
+}
+
+/// Where the master answers one request: progress lines while it works, then the reply.
+pub struct Responder {
+    progress: mpsc::UnboundedSender<String>,
+    done: oneshot::Sender<Reply>,
+}
+
+impl Responder {
+    /// A responder and the ends a transport reads from.
+    pub fn new() -> (
+        Responder,
+        mpsc::UnboundedReceiver<String>,
+        oneshot::Receiver<Reply>,
+    ) {
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let (dtx, drx) = oneshot::channel();
+        (
+            Responder {
+                progress: ptx,
+                done: dtx,
+            },
+            prx,
+            drx,
+        )
+    }
+
+    /// Tells the client how it is going; a client that left is not an error.
+    pub fn progress(&self, line: impl Into<String>) {
+        let _ = self.progress.send(line.into());
+    }
+
+    pub fn reply(self, r: Reply) {
+        let _ = self.done.send(r);
+    }
 }
 
 /// The master's answer.
@@ -170,12 +218,28 @@ async fn handle(stream: tokio::net::UnixStream, events: mpsc::Sender<Event>) -> 
         Ok(Ok(_)) => match parse_request(&line) {
             Err(msg) => Reply::error(msg),
             Ok(req) => {
-                let (tx, rx) = oneshot::channel();
-                if events.send(Event::Control(req, tx)).await.is_err() {
+                let (responder, mut progress, mut done) = Responder::new();
+                if events.send(Event::Control(req, responder)).await.is_err() {
                     Reply::error("the master is shutting down")
                 } else {
-                    rx.await
-                        .unwrap_or_else(|_| Reply::error("the master is shutting down"))
+                    loop {
+                        tokio::select! {
+                            Some(line) = progress.recv() => {
+                                let mut out = serde_json::to_vec(&serde_json::json!({"progress": line}))?;
+                                out.push(b'\n');
+                                write.write_all(&out).await?;
+                            }
+                            r = &mut done => {
+                                // Progress sent just before the reply still goes first.
+                                while let Ok(line) = progress.try_recv() {
+                                    let mut out = serde_json::to_vec(&serde_json::json!({"progress": line}))?;
+                                    out.push(b'\n');
+                                    write.write_all(&out).await?;
+                                }
+                                break r.unwrap_or_else(|_| Reply::error("the master is shutting down"));
+                            }
+                        }
+                    }
                 }
             }
         },
@@ -199,6 +263,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 
 /// Sends one request and returns the reply's data, or the master's error.
 pub fn request(path: &Path, req: &Request) -> Result<Value, ClientError> {
+    request_with_progress(path, req, |_| {})
+}
+
+/// Like [`request`], calling `on_progress` with each progress line as it arrives.
+pub fn request_with_progress(
+    path: &Path,
+    req: &Request,
+    mut on_progress: impl FnMut(&str),
+) -> Result<Value, ClientError> {
     let mut stream =
         std::os::unix::net::UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
@@ -210,9 +283,20 @@ pub fn request(path: &Path, req: &Request) -> Result<Value, ClientError> {
     line.push(b'\n');
     stream.write_all(&line).map_err(ClientError::Io)?;
     let mut reader = io::BufReader::new(stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer).map_err(ClientError::Io)?;
-    let reply: Reply = serde_json::from_str(&answer).map_err(ClientError::Protocol)?;
+    let reply: Reply = loop {
+        let mut answer = String::new();
+        if reader.read_line(&mut answer).map_err(ClientError::Io)? == 0 {
+            return Err(ClientError::Io(io::Error::from(
+                io::ErrorKind::UnexpectedEof,
+            )));
+        }
+        let v: Value = serde_json::from_str(&answer).map_err(ClientError::Protocol)?;
+        if let Some(p) = v.get("progress").and_then(Value::as_str) {
+            on_progress(p);
+            continue;
+        }
+        break serde_json::from_value(v).map_err(ClientError::Protocol)?;
+    };
     if reply.ok {
         Ok(reply.data)
     } else {
@@ -236,8 +320,14 @@ mod tests {
             parse_request(br#"{"v":1,"cmd":"scale","app":"web","n":3}"#),
             Ok(Request::Scale {
                 app: "web".into(),
-                n: 3
+                n: Some(3),
+                min: None,
+                max: None,
             })
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"stop"}"#),
+            Ok(Request::Stop { app: None })
         );
         assert!(
             parse_request(br#"{"v":2,"cmd":"status"}"#)

@@ -35,25 +35,57 @@ fn main() -> ExitCode {
                 print_status(data);
             }
         }),
-        Command::Scale(a) => client(
-            &a.target,
-            &Request::Scale {
+        Command::Scale(a) => {
+            let (n, min, max) = match a.parse_size() {
+                Ok(v) => v,
+                Err(e) => return fail(&e),
+            };
+            let req = Request::Scale {
                 app: a.app.clone(),
-                n: a.n,
-            },
-            |d| {
-                println!("{}: {} → {} workers", a.app, d["from"], d["to"]);
-            },
-        ),
-        Command::Reload(a) => client(
-            &a.target,
-            &Request::Reload {
+                n,
+                min,
+                max,
+            };
+            client(&a.target, &req, |d| {
+                println!(
+                    "{}: {} → {} workers (bounds {}..{})",
+                    a.app, d["from"], d["to"], d["min"], d["max"]
+                );
+            })
+        }
+        Command::Reload(a) => {
+            let req = Request::Reload {
                 app: a.app.clone(),
                 batch: a.batch,
+            };
+            let path = match a.target.resolve() {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            match control::request_with_progress(&path, &req, |line| println!("{line}")) {
+                Ok(d) => {
+                    println!("reload done: {} workers replaced", d["replaced"]);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Restart(a) => client(
+            &a.target,
+            &Request::Restart {
+                app: a.app.clone(),
+                slot: a.slot,
             },
-            |_| println!("reload started"),
+            |_| {
+                println!(
+                    "{} slot {}: replacement starting; the old worker drains once it is ready",
+                    a.app, a.slot
+                )
+            },
         ),
-        Command::Stop(t) => client(&t, &Request::Stop, |_| println!("stopping")),
+        Command::Stop(a) => client(&a.target, &Request::Stop { app: a.app.clone() }, |d| {
+            println!("stopping {}", d["stopping"].as_str().unwrap_or("all"))
+        }),
     }
 }
 

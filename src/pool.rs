@@ -518,10 +518,10 @@ impl Pool {
         old.map(|o| (o, reason))
     }
 
-    /// Asks for a replacement of a worker that passed its memory limit: the new one
+    /// Asks for a replacement of a worker (memory limit, `processes restart`): the new one
     /// starts first, the old one drains when it is ready. Returns false if the slot is
     /// already being replaced (or the worker is not its slot's current one).
-    pub fn replace_for_memory(&mut self, id: WorkerId) -> bool {
+    pub fn replace_slot(&mut self, id: WorkerId, reason: StopReason) -> bool {
         let Some(slot) = self.workers.get(&id).map(|w| w.slot) else {
             return false;
         };
@@ -536,7 +536,7 @@ impl Pool {
                     && s.replace.is_none()
                     && !reloading =>
             {
-                s.replace = Some(StopReason::Memory);
+                s.replace = Some(reason);
                 true
             }
             _ => false,

@@ -317,7 +317,8 @@ mod tests {
         let span = Duration::from_secs(10);
         assert_eq!(w.push(t0, 5, span), 5);
         assert_eq!(w.push(t0 + Duration::from_secs(1), 3, span), 5);
-        assert_eq!(w.push(t0 + Duration::from_secs(12), 2, span), 3);
+        assert_eq!(w.push(t0 + Duration::from_secs(10), 4, span), 5);
+        assert_eq!(w.push(t0 + Duration::from_secs(12), 2, span), 4);
         assert_eq!(w.push(t0 + Duration::from_secs(13), 9, span), 9);
     }
 

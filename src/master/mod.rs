@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{ExitKind, Restart};
@@ -78,7 +78,7 @@ pub enum Event {
     Channel(WorkerId, Incoming),
     Notify(i32, Notice),
     Accepted(usize, OwnedFd, OwnedSemaphorePermit),
-    Control(Request, oneshot::Sender<Reply>),
+    Control(Request, control::Responder),
 }
 
 /// A listening socket and what the master knows about it.
@@ -166,6 +166,8 @@ struct Master {
     autos: Vec<Option<sampling::Auto>>,
     /// The Node preload, written out at start.
     preload: Option<sampling::PreloadFile>,
+    /// Clients waiting for reloads to finish.
+    reload_waiters: Vec<status::ReloadWaiter>,
     /// The Prometheus recorder, when `--metrics` is on.
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -268,6 +270,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             sampling: sampling::Sampling::new(opts.config.sample_interval),
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
+            reload_waiters: Vec::new(),
             metrics: None,
         };
         if let Some(listener) = metrics_listener {
@@ -390,6 +393,14 @@ impl Master {
     fn finished(&self) -> Option<i32> {
         if self.shutdown.is_some() {
             return self.pools.iter().all(|p| p.workers.is_empty()).then_some(0);
+        }
+        if self
+            .pools
+            .iter()
+            .all(|p| p.stopping && p.workers.is_empty())
+        {
+            info!("every app was stopped; exiting");
+            return Some(0);
         }
         if self.pools.iter().all(|p| p.all_parked()) {
             info!("every app has stopped and its restart policy keeps it down; exiting");
@@ -695,6 +706,15 @@ impl Master {
         );
         if let Some((old, reason)) = replaced {
             self.stop_worker(app, old, reason, now);
+            if reason == StopReason::Replaced
+                && let Some(r) = &self.pools[app].reload
+            {
+                let line = format!(
+                    "{}: replaced {}/{}",
+                    self.pools[app].spec.name, r.replaced, r.total
+                );
+                self.reload_progress(app, &line);
+            }
         }
         self.dispatch_app(app);
     }
@@ -704,18 +724,28 @@ impl Master {
         let pool = &mut self.pools[app];
         let Some(r) = pool.end_reload(ok) else { return };
         probes::reload_done(pool.spec.name.as_str(), r.replaced as u32, ok);
-        match outcome {
-            ReloadOutcome::Done { replaced } => info!(
-                "{}: reload done, {replaced}/{} workers replaced in {:?}",
-                pool.spec.name,
-                r.total,
-                r.started.elapsed()
-            ),
-            ReloadOutcome::Failed { replaced, why } => error!(
-                "{}: reload failed after replacing {replaced}/{}: {why}; the remaining workers keep running the previous version",
-                pool.spec.name, r.total
-            ),
-        }
+        let name = pool.spec.name.clone();
+        let failure = match outcome {
+            ReloadOutcome::Done { replaced } => {
+                info!(
+                    "{name}: reload done, {replaced}/{} workers replaced in {:?}",
+                    r.total,
+                    r.started.elapsed()
+                );
+                None
+            }
+            ReloadOutcome::Failed { replaced, why } => {
+                error!(
+                    "{name}: reload failed after replacing {replaced}/{}: {why}; the remaining workers keep running the previous version",
+                    r.total
+                );
+                Some(format!(
+                    "{name}: reload failed after replacing {replaced}/{}: {why}; the remaining workers keep running the previous version",
+                    r.total
+                ))
+            }
+        };
+        self.reload_ended(app, r.replaced, r.total, failure);
     }
 
     fn begin_reload(&mut self, app: usize, new_spec: Option<AppSpec>, batch: usize) -> bool {
@@ -844,6 +874,25 @@ impl Master {
         self.begin_shutdown(now);
     }
 
+    /// Stops one app for good: its workers drain, its slots are not refilled.
+    fn stop_app(&mut self, app: usize, now: Instant) {
+        info!("{}: stopping (processes stop)", self.pools[app].spec.name);
+        let pool = &mut self.pools[app];
+        pool.stopping = true;
+        for s in pool.slots.values_mut() {
+            s.restart_at = None;
+        }
+        let ids: Vec<WorkerId> = pool
+            .workers
+            .values()
+            .filter(|w| w.stopping.is_none())
+            .map(|w| w.id)
+            .collect();
+        for id in ids {
+            self.stop_worker(app, id, StopReason::Shutdown, now);
+        }
+    }
+
     fn begin_shutdown(&mut self, now: Instant) {
         self.shutdown = Some(now);
         let _ = crate::notify::notify_parent("STOPPING=1");
@@ -867,28 +916,51 @@ impl Master {
 
     fn on_sighup(&mut self) {
         info!("SIGHUP: rolling reload of every app");
+        let all: Vec<usize> = (0..self.pools.len()).collect();
+        if let Err(e) = self.reload_apps(&all, 1) {
+            error!("reload: {e}; keeping the running configuration");
+        }
+    }
+
+    /// Starts a rolling reload of these apps, with their specs re-read from the config
+    /// file when there is one. Returns the apps whose reload started; an error (nothing
+    /// started) when the file no longer parses or changes what a reload cannot.
+    pub(super) fn reload_apps(
+        &mut self,
+        apps: &[usize],
+        batch: usize,
+    ) -> Result<Vec<usize>, String> {
         let fresh = match &self.config_file {
-            Some(path) => match crate::config::load_file(path) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    error!(
-                        "reload: {}; keeping the running configuration",
-                        error_chain(&e)
-                    );
-                    return;
-                }
-            },
+            Some(path) => Some(crate::config::load_file(path).map_err(|e| error_chain(&e))?),
             None => None,
         };
-        for app in 0..self.pools.len() {
-            let new_spec = fresh.as_ref().and_then(|c| {
-                c.apps
-                    .iter()
-                    .find(|a| a.name == self.pools[app].spec.name)
-                    .cloned()
-            });
-            self.begin_reload(app, new_spec, 1);
+        let mut specs = Vec::new();
+        for &app in apps {
+            let current = &self.pools[app].spec;
+            let new_spec = match &fresh {
+                None => None,
+                Some(c) => match c.apps.iter().find(|a| a.name == current.name) {
+                    None => {
+                        return Err(format!(
+                            "apps.{} is gone from the config file; removing an app needs a restart of the master",
+                            current.name
+                        ));
+                    }
+                    Some(a) if a.listen != current.listen => {
+                        return Err(format!(
+                            "apps.{}.listen changed; listeners stay bound for the master's life, so changing them needs a restart",
+                            current.name
+                        ));
+                    }
+                    Some(a) => Some(a.clone()),
+                },
+            };
+            specs.push((app, new_spec));
         }
+        Ok(specs
+            .into_iter()
+            .filter_map(|(app, spec)| self.begin_reload(app, spec, batch).then_some(app))
+            .collect())
     }
 
     fn scale_by_hand(&mut self, delta: i64) {
@@ -918,10 +990,7 @@ impl Master {
                 self.listeners[l].queue.push_back(Queued { fd, permit });
                 self.dispatch(l);
             }
-            Event::Control(req, reply) => {
-                let r = self.on_control(req);
-                let _ = reply.send(r);
-            }
+            Event::Control(req, responder) => self.on_control(req, responder),
         }
     }
 

@@ -257,7 +257,7 @@ impl Master {
             let _ = unix::signal_group(*pid, Signal::SIGKILL);
         }
         for (id, slot, rss) in over_soft {
-            if self.pools[app].replace_for_memory(id) {
+            if self.pools[app].replace_slot(id, StopReason::Memory) {
                 info!(
                     "[{name}:{slot}] uses {} MiB, above max_memory; starting its replacement",
                     rss >> 20

@@ -1,4 +1,4 @@
-//! Control requests: status, scale, reload, stop.
+//! Control requests: status, scale, reload, restart, stop — and the status JSON.
 
 use std::time::Instant;
 
@@ -7,75 +7,213 @@ use tracing::info;
 
 use super::*;
 
+/// A client waiting for reloads to end.
+pub struct ReloadWaiter {
+    pending: std::collections::BTreeSet<usize>,
+    failures: Vec<String>,
+    replaced: usize,
+    responder: control::Responder,
+}
+
 impl Master {
     // ---- control ------------------------------------------------------------------------
 
-    pub(super) fn on_control(&mut self, req: Request) -> Reply {
+    pub(super) fn on_control(&mut self, req: Request, responder: control::Responder) {
         let now = Instant::now();
-        match req {
-            Request::Status { app } => {
-                let apps: Vec<_> = self
-                    .pools
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| app.as_deref().is_none_or(|a| p.spec.name.as_str() == a))
-                    .map(|(i, p)| self.app_status(i, p, now))
-                    .collect();
-                if apps.is_empty() {
-                    return Reply::error(format!("no app named {}", app.unwrap_or_default()));
-                }
-                let host = self.sampling.last_host.as_ref().map(|h| {
-                    serde_json::json!({
-                        "cpus": h.cpus,
-                        "cpu_busy": h.cpu_busy,
-                        "mem_headroom_bytes": h.mem_headroom,
-                        "cpu_source": h.cpu_source,
-                        "mem_source": h.mem_source,
-                    })
-                });
-                Reply::ok(serde_json::json!({
-                    "pid": std::process::id(),
-                    "apps": apps,
-                    "host": host,
-                    "sample": {
-                        "interval_ms": self.sampling.interval.as_millis() as u64,
-                        "ticks": self.sampling.ticks,
-                        "last_tick_us": self.sampling.last_tick.as_micros() as u64,
-                        "max_tick_us": self.sampling.max_tick.as_micros() as u64,
-                    },
-                }))
-            }
-            Request::Scale { app, n } => {
-                let Some(i) = self.find_app(&app) else {
-                    return Reply::error(format!("no app named {app}"));
-                };
-                let before = self.pools[i].target;
-                let after = self.pools[i].set_target(n);
-                if after != before {
-                    record::scale(app.as_str(), before, after, "control");
-                    info!("{app}: {before} → {after} workers (processes scale)");
-                }
-                Reply::ok(serde_json::json!({"app": app, "from": before, "to": after}))
-            }
+        let reply = match req {
+            Request::Status { app } => self.status(app.as_deref(), now),
+            Request::Scale { app, n, min, max } => self.scale_request(&app, n, min, max),
             Request::Reload { app, batch } => {
                 let targets: Vec<usize> = match &app {
                     Some(a) => match self.find_app(a) {
                         Some(i) => vec![i],
-                        None => return Reply::error(format!("no app named {a}")),
+                        None => return responder.reply(Reply::error(format!("no app named {a}"))),
                     },
                     None => (0..self.pools.len()).collect(),
                 };
-                let started: Vec<bool> = targets
-                    .iter()
-                    .map(|&i| self.begin_reload(i, None, batch.unwrap_or(1)))
-                    .collect();
-                Reply::ok(serde_json::json!({"started": started}))
+                if let Some(busy) = targets.iter().find(|&&i| self.pools[i].reload.is_some()) {
+                    let name = &self.pools[*busy].spec.name;
+                    return responder.reply(Reply::error(format!(
+                        "{name}: a reload is already running; wait for it to finish"
+                    )));
+                }
+                match self.reload_apps(&targets, batch.unwrap_or(1).max(1)) {
+                    Err(e) => Reply::error(e),
+                    Ok(started) if started.is_empty() => {
+                        Reply::ok(serde_json::json!({"replaced": 0}))
+                    }
+                    Ok(started) => {
+                        for &i in &started {
+                            let total = self.pools[i].reload.as_ref().map_or(0, |r| r.total);
+                            responder.progress(format!(
+                                "{}: replacing {total} workers, {} at a time",
+                                self.pools[i].spec.name,
+                                batch.unwrap_or(1).max(1)
+                            ));
+                        }
+                        self.reload_waiters.push(ReloadWaiter {
+                            pending: started.into_iter().collect(),
+                            failures: Vec::new(),
+                            replaced: 0,
+                            responder,
+                        });
+                        return;
+                    }
+                }
             }
-            Request::Stop => {
+            Request::Restart { app, slot } => {
+                let Some(i) = self.find_app(&app) else {
+                    return responder.reply(Reply::error(format!("no app named {app}")));
+                };
+                let pool = &mut self.pools[i];
+                match pool.slots.get(&slot).and_then(|s| s.current) {
+                    Some(id) if pool.replace_slot(id, StopReason::Restart) => {
+                        info!("[{app}:{slot}] restarting: its replacement starts first");
+                        Reply::ok(serde_json::json!({"app": app, "slot": slot}))
+                    }
+                    Some(_) => Reply::error(format!(
+                        "{app} slot {slot} is already being replaced; wait for it to finish"
+                    )),
+                    None if pool.slots.contains_key(&slot) => Reply::error(format!(
+                        "{app} slot {slot} has no running worker (it is restarting); nothing to restart"
+                    )),
+                    None => Reply::error(format!(
+                        "{app} has no slot {slot}; `processes status {app}` lists its slots"
+                    )),
+                }
+            }
+            Request::Stop { app: None } => {
                 self.begin_shutdown(now);
-                Reply::ok(serde_json::json!({"stopping": true}))
+                Reply::ok(serde_json::json!({"stopping": "all"}))
+            }
+            Request::Stop { app: Some(app) } => match self.find_app(&app) {
+                None => Reply::error(format!("no app named {app}")),
+                Some(i) => {
+                    self.stop_app(i, now);
+                    Reply::ok(serde_json::json!({"stopping": app}))
+                }
+            },
+        };
+        responder.reply(reply);
+    }
+
+    fn status(&self, app: Option<&str>, now: Instant) -> Reply {
+        let apps: Vec<_> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| app.is_none_or(|a| p.spec.name.as_str() == a))
+            .map(|(i, p)| self.app_status(i, p, now))
+            .collect();
+        if apps.is_empty() {
+            return Reply::error(format!("no app named {}", app.unwrap_or_default()));
+        }
+        let host = self.sampling.last_host.as_ref().map(|h| {
+            serde_json::json!({
+                "cpus": h.cpus,
+                "cpu_busy": h.cpu_busy,
+                "mem_headroom_bytes": h.mem_headroom,
+                "cpu_source": h.cpu_source,
+                "mem_source": h.mem_source,
+            })
+        });
+        Reply::ok(serde_json::json!({
+            "pid": std::process::id(),
+            "apps": apps,
+            "host": host,
+            "sample": {
+                "interval_ms": self.sampling.interval.as_millis() as u64,
+                "ticks": self.sampling.ticks,
+                "last_tick_us": self.sampling.last_tick.as_micros() as u64,
+                "max_tick_us": self.sampling.max_tick.as_micros() as u64,
+            },
+        }))
+    }
+
+    fn scale_request(
+        &mut self,
+        app: &str,
+        n: Option<usize>,
+        min: Option<usize>,
+        max: Option<usize>,
+    ) -> Reply {
+        let Some(i) = self.find_app(app) else {
+            return Reply::error(format!("no app named {app}"));
+        };
+        let before = self.pools[i].target;
+        let after = match (n, min, max) {
+            (Some(n), None, None) => {
+                if let Err(m) = crate::config::check_instances(n as i64) {
+                    return Reply::error(format!("{app}: {m}"));
+                }
+                // A fixed size: autoscaling, if any, stops for this app.
+                self.pools[i].spec.sizing = crate::config::Sizing::Fixed(n);
+                self.autos[i] = None;
+                self.pools[i].set_target(n)
+            }
+            (None, Some(min), Some(max)) => {
+                if let Err((field, m)) = crate::config::check_bounds(min, max) {
+                    return Reply::error(format!("{app}: {field} {m}"));
+                }
+                self.pools[i].spec.sizing = crate::config::Sizing::Auto { min, max };
+                if self.autos[i].is_none() {
+                    self.autos[i] = sampling::Auto::new(&self.pools[i].spec);
+                }
+                self.pools[i].set_target(before)
+            }
+            _ => return Reply::error("give either N, or both min=A and max=B"),
+        };
+        if after != before {
+            record::scale(app, before, after, "control");
+        }
+        info!("{app}: {before} → {after} workers (processes scale)");
+        let (lo, hi) = self.pools[i].spec.sizing.bounds();
+        Reply::ok(
+            serde_json::json!({"app": app, "from": before, "to": after, "min": lo, "max": hi}),
+        )
+    }
+
+    /// Tells reload waiters of `app` how far it got.
+    pub(super) fn reload_progress(&mut self, app: usize, line: &str) {
+        for w in &self.reload_waiters {
+            if w.pending.contains(&app) {
+                w.responder.progress(line);
             }
         }
+    }
+
+    /// A reload ended: answer every client that waited for it (once all its apps ended).
+    pub(super) fn reload_ended(
+        &mut self,
+        app: usize,
+        replaced: usize,
+        total: usize,
+        failure: Option<String>,
+    ) {
+        let name = self.pools[app].spec.name.to_string();
+        let mut still = Vec::new();
+        for mut w in std::mem::take(&mut self.reload_waiters) {
+            if w.pending.remove(&app) {
+                w.replaced += replaced;
+                match &failure {
+                    Some(f) => w.failures.push(f.clone()),
+                    None => w
+                        .responder
+                        .progress(format!("{name}: done, {replaced}/{total} replaced")),
+                }
+            }
+            if w.pending.is_empty() {
+                let reply = if w.failures.is_empty() {
+                    Reply::ok(serde_json::json!({"replaced": w.replaced}))
+                } else {
+                    Reply::error(w.failures.join("; "))
+                };
+                w.responder.reply(reply);
+            } else {
+                still.push(w);
+            }
+        }
+        self.reload_waiters = still;
     }
 
     pub(super) fn find_app(&self, name: &str) -> Option<usize> {
