@@ -78,7 +78,7 @@ pub struct ScaleArgs {
 
 impl ScaleArgs {
     /// `(n, min, max)` for the request.
-    pub fn parse_size(&self) -> Result<(Option<usize>, Option<usize>, Option<usize>), ConfigError> {
+    pub fn parse_size(&self) -> Result<ScaleSize, ConfigError> {
         if let Ok(n) = self.size.trim().parse::<i64>() {
             let n = config::check_instances(n).map_err(|m| err("N", m))?;
             return Ok((Some(n), None, None));
@@ -93,6 +93,9 @@ impl ScaleArgs {
         Ok((None, Some(min), Some(max)))
     }
 }
+
+/// What `processes scale` asks for: a fixed size, or autoscaling bounds.
+pub type ScaleSize = (Option<usize>, Option<usize>, Option<usize>);
 
 #[derive(Debug, Args)]
 pub struct RestartArgs {

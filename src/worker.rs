@@ -113,6 +113,17 @@ impl Channel {
         })
     }
 
+    /// Makes `recv` give up after `timeout` with an `io::ErrorKind::WouldBlock` error
+    /// (`None`: wait for ever, the default).
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        let tv = match timeout {
+            Some(t) => nix::sys::time::TimeVal::new(t.as_secs() as _, t.subsec_micros() as _),
+            None => nix::sys::time::TimeVal::new(0, 0),
+        };
+        nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+        Ok(())
+    }
+
     /// Sends one message.
     pub fn send(&self, v: &Value) -> io::Result<()> {
         let mut line = serde_json::to_vec(v)?;

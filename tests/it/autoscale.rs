@@ -2,8 +2,6 @@
 //! CPU bound and no further, shrinks back to `min` when the load stops; a worker whose
 //! event loop stalls makes the pool grow on lag alone.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -52,44 +50,6 @@ fn app_size(s: &Value) -> usize {
     s["apps"][0]["size"].as_u64().unwrap() as usize
 }
 
-/// A load of `clients` threads making requests until stopped; counts failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicU64::new(0));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, failures) = (stop.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        if get(port).is_err() {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            failures,
-            threads,
-        }
-    }
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        self.failures.load(Ordering::Relaxed)
-    }
-}
-
 #[test]
 fn a_cpu_bound_app_grows_to_the_cpu_bound_and_back_to_min() {
     if !has_node() {
@@ -119,7 +79,7 @@ fn a_cpu_bound_app_grows_to_the_cpu_bound_and_back_to_min() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let failures = load.stop();
+    let (_, failures) = load.stop();
     assert_eq!(largest, bound, "grew to {largest} with {cpus} CPUs");
     assert_eq!(failures, 0, "requests failed while the pool grew");
     let change = &m.status().unwrap()["apps"][0]["autoscale"];
@@ -193,7 +153,7 @@ fn node_workers_report_load_through_the_preload() {
                 && w["rss_bytes"].as_u64().unwrap_or(0) > 1 << 20
         })
     });
-    assert_eq!(load.stop(), 0);
+    assert_eq!(load.stop().1, 0);
     // The app's own message handlers never saw the internal traffic: nothing in its
     // output, and its environment still has the app's NODE_OPTIONS untouched otherwise.
     assert!(

@@ -90,6 +90,11 @@ pub fn run(args: &[&str]) -> Master {
 
 pub fn run_in(dir: tempfile::TempDir, args: &[&str]) -> Master {
     let control = dir.path().join("control.sock");
+    run_with_control(dir, control, args)
+}
+
+/// Like [`run_in`], with the control socket at `control`.
+pub fn run_with_control(dir: tempfile::TempDir, control: PathBuf, args: &[&str]) -> Master {
     let mut full: Vec<String> = vec![
         "run".into(),
         "--control".into(),
@@ -349,4 +354,77 @@ pub fn get(port: u16) -> std::io::Result<String> {
         return Err(std::io::Error::other(format!("bad response: {resp:?}")));
     }
     Ok(resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// Client threads making requests (a new connection each) until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, clients: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port) {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns (answered, failed).
+    pub fn stop(self) -> (u64, u64) {
+        let (ok, failed) = self.stop_detailed();
+        (ok, failed.len() as u64)
+    }
+
+    /// Stops the clients; returns the answered count and each failure's message.
+    pub fn stop_detailed(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), failures)
+    }
+}
+
+/// Runs the `processes` CLI against a master; returns (exit code, stdout, stderr).
+pub fn cli(master: &Master, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut full: Vec<&str> = args.to_vec();
+    let control = master.control.display().to_string();
+    full.push("--control");
+    full.push(&control);
+    let out = Command::new(BIN).args(&full).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -5,5 +5,6 @@ mod autoscale;
 mod common;
 mod config_errors;
 mod node;
+mod operations;
 mod probes;
 mod supervisor;
