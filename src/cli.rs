@@ -42,6 +42,8 @@ pub enum Command {
     Restart(RestartArgs),
     /// Stop one app, or the whole master and all its workers.
     Stop(StopArgs),
+    /// A live view of a running master: pools, workers, load, lag; keys to scale and reload.
+    Top(Target),
 }
 
 /// Which running master a client command talks to.

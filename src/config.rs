@@ -294,6 +294,10 @@ impl Default for Tuning {
 }
 
 impl AppSpec {
+    pub fn is_node(&self) -> bool {
+        self.runtime == Runtime::Node
+    }
+
     /// The dispatch mode actually in force.
     pub fn dispatch(&self) -> Dispatch {
         self.dispatch.unwrap_or(match self.runtime {

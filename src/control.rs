@@ -281,14 +281,19 @@ pub fn request_with_progress(
     v["v"] = PROTOCOL_VERSION.into();
     let mut line = serde_json::to_vec(&v).map_err(ClientError::Protocol)?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(ClientError::Io)?;
+    // A master that refuses us answers and closes without reading, so the write may fail
+    // while its answer waits to be read: read first, report the write error only if no
+    // answer came.
+    let wrote = stream.write_all(&line);
     let mut reader = io::BufReader::new(stream);
     let reply: Reply = loop {
         let mut answer = String::new();
-        if reader.read_line(&mut answer).map_err(ClientError::Io)? == 0 {
-            return Err(ClientError::Io(io::Error::from(
-                io::ErrorKind::UnexpectedEof,
-            )));
+        let n = reader.read_line(&mut answer);
+        if !matches!(n, Ok(k) if k > 0) {
+            return Err(ClientError::Io(match (wrote, n) {
+                (Err(e), _) | (Ok(()), Err(e)) => e,
+                (Ok(()), Ok(_)) => io::Error::from(io::ErrorKind::UnexpectedEof),
+            }));
         }
         let v: Value = serde_json::from_str(&answer).map_err(ClientError::Protocol)?;
         if let Some(p) = v.get("progress").and_then(Value::as_str) {

@@ -27,7 +27,13 @@ pub struct Candidate {
     pub busy: f64,
     /// Connections given to it, counted from the level it joined at.
     pub served: u64,
+    /// Its event loop's lag as last seen (a ping still unanswered counts).
+    pub lag_ms: u64,
 }
+
+/// Least-loaded treats a worker whose loop lags more than this as stuck and sends it
+/// nothing while another can take the connection: its reported figures are stale.
+pub const STUCK_LAG_MS: u64 = 250;
 
 /// Picks a worker for one connection, or `None` if every candidate has one in flight.
 pub fn choose(mode: Dispatch, candidates: &[Candidate]) -> Option<WorkerId> {
@@ -36,9 +42,15 @@ pub fn choose(mode: Dispatch, candidates: &[Candidate]) -> Option<WorkerId> {
         Dispatch::RoundRobin | Dispatch::Shared => {
             free.min_by_key(|c| (c.served, c.worker)).map(|c| c.worker)
         }
-        Dispatch::LeastLoaded => free
-            .min_by_key(|c| (c.open, ordered(c.busy), c.served, c.worker))
-            .map(|c| c.worker),
+        Dispatch::LeastLoaded => {
+            // A stuck worker gets nothing while a healthy one exists, even if every
+            // healthy one has a connection in flight: waiting a moment for it beats a
+            // connection that hangs. Only when all are stuck does one of them get it.
+            let any_healthy = candidates.iter().any(|c| c.lag_ms <= STUCK_LAG_MS);
+            free.filter(|c| !any_healthy || c.lag_ms <= STUCK_LAG_MS)
+                .min_by_key(|c| (c.open, ordered(c.busy), c.served, c.worker))
+                .map(|c| c.worker)
+        }
     }
 }
 
@@ -60,6 +72,7 @@ mod tests {
             open,
             busy,
             served: 0,
+            lag_ms: 0,
         }
     }
 
@@ -91,6 +104,22 @@ mod tests {
         );
         let all_busy = [c(1, 1, 0, 0.0), c(2, 1, 0, 0.0)];
         assert_eq!(choose(Dispatch::RoundRobin, &all_busy), None);
+    }
+
+    #[test]
+    fn least_loaded_avoids_a_lagging_worker_whatever_it_last_reported() {
+        let mut stuck = c(1, 0, 0, 0.0);
+        stuck.lag_ms = 2_000;
+        let cands = [stuck, c(2, 0, 5, 0.9)];
+        assert_eq!(choose(Dispatch::LeastLoaded, &cands), Some(WorkerId(2)));
+        // A healthy worker that is busy right now is waited for.
+        let busy = [stuck, c(2, 1, 5, 0.9)];
+        assert_eq!(choose(Dispatch::LeastLoaded, &busy), None);
+        // All stuck: one of them still gets the connection rather than none being served.
+        assert_eq!(
+            choose(Dispatch::LeastLoaded, &cands[..1]),
+            Some(WorkerId(1))
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ use processes::control::{self, Request};
 use processes::master::{self, error_chain};
 
 fn main() -> ExitCode {
+    // Before anything opens a file: fds 3.. may be systemd's sockets for us.
+    let inherited = processes::sockets::inherited_from_systemd();
     let cli = Cli::parse();
     init_logging();
     match cli.command {
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
                 config,
                 name,
                 control: args.control.clone(),
+                inherited,
             };
             match master::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -83,6 +86,13 @@ fn main() -> ExitCode {
                 )
             },
         ),
+        Command::Top(t) => match t.resolve() {
+            Ok(path) => match processes::top::run(&path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            },
+            Err(e) => fail(&e),
+        },
         Command::Stop(a) => client(&a.target, &Request::Stop { app: a.app.clone() }, |d| {
             println!("stopping {}", d["stopping"].as_str().unwrap_or("all"))
         }),

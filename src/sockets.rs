@@ -150,6 +150,89 @@ pub fn accept_backlog(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
     (rc == 0).then_some((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// Listening sockets handed to the master by its own supervisor (systemd socket
+/// activation: `LISTEN_FDS` fds from 3, for this pid per `LISTEN_PID`), with their
+/// addresses. They are made close-on-exec so that they reach workers only the way the
+/// master decides.
+pub fn inherited_from_systemd() -> Vec<(OwnedFd, ListenAddr)> {
+    use std::os::fd::FromRawFd;
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if !for_us || !(1..=256).contains(&n) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for raw in 3..3 + n {
+        // Only an open socket is taken: an fd that is not open, or not a socket, was never
+        // systemd's to give, and closing it could close something of ours.
+        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            continue;
+        }
+        // SAFETY: getsockopt on an fd number only reads its type; no ownership is taken.
+        let is_socket = unsafe {
+            let mut ty: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::getsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                &mut ty as *mut _ as *mut libc::c_void,
+                &mut len,
+            ) == 0
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: systemd's protocol gives this process the fds 3..3+LISTEN_FDS, and this
+        // runs first thing in `main`, before anything else opens an fd; each is taken once.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let _ = nix::fcntl::fcntl(
+            raw,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        let sock = socket2::SockRef::from(&fd);
+        let addr = match sock.local_addr() {
+            Ok(a) => match (a.as_socket(), a.as_pathname()) {
+                (Some(inet), _) => ListenAddr::Tcp(inet),
+                (None, Some(p)) => ListenAddr::Unix(p.to_path_buf()),
+                _ => continue,
+            },
+            Err(_) => continue,
+        };
+        out.push((fd, addr));
+    }
+    out
+}
+
+/// Takes the inherited socket that serves `wanted`, if there is one: the same address,
+/// or the same port when `wanted` is every address (`:8080`).
+pub fn take_inherited(
+    inherited: &mut Vec<(OwnedFd, ListenAddr)>,
+    wanted: &ListenAddr,
+) -> Option<Listener> {
+    let pos = inherited
+        .iter()
+        .position(|(_, have)| match (wanted, have) {
+            (ListenAddr::Tcp(w), ListenAddr::Tcp(h)) => {
+                w == h || (w.ip().is_unspecified() && w.port() == h.port() && w.port() != 0)
+            }
+            (ListenAddr::Unix(w), ListenAddr::Unix(h)) => w == h,
+            _ => false,
+        })?;
+    let (fd, local) = inherited.remove(pos);
+    Some(Listener {
+        requested: wanted.clone(),
+        local,
+        fd,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

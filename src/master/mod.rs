@@ -71,6 +71,9 @@ pub struct Options {
     pub name: String,
     /// Control socket path; `None` picks the default for `name`.
     pub control: Option<std::path::PathBuf>,
+    /// Listening sockets from systemd socket activation, taken first thing in `main`
+    /// ([`sockets::inherited_from_systemd`]).
+    pub inherited: Vec<(OwnedFd, ListenAddr)>,
 }
 
 /// Everything that can wake the loop, besides signals and timers.
@@ -135,6 +138,8 @@ struct WorkerIo {
     /// Listeners it asked for with `queryServer`.
     keys: BTreeSet<usize>,
     queried_any: bool,
+    /// Said `ready` itself over the channel (not just up for `ready_after`).
+    said_ready: bool,
     /// Node's rule: while a handle is unacknowledged, every later message waits.
     awaiting_ack: Option<HandleInFlight>,
     held: VecDeque<(Value, Option<OwnedFd>)>,
@@ -166,6 +171,8 @@ struct Master {
     autos: Vec<Option<sampling::Auto>>,
     /// The Node preload, written out at start.
     preload: Option<sampling::PreloadFile>,
+    /// Whether systemd (or whoever set `NOTIFY_SOCKET`) has been told `READY=1`.
+    notified_ready: bool,
     /// Clients waiting for reloads to finish.
     reload_waiters: Vec<status::ReloadWaiter>,
     /// The Prometheus recorder, when `--metrics` is on.
@@ -175,6 +182,18 @@ struct Master {
 /// Starts the master and runs it until it stops. Returns the process exit code.
 pub fn run(opts: Options) -> Result<i32, StartError> {
     // Bind every listener before anything starts, so a port in use is one clean error.
+    // Under systemd socket activation the master's own listeners arrive as fds.
+    let mut inherited = opts.inherited;
+    let mut config = opts.config;
+    if !inherited.is_empty() && config.apps.len() == 1 && config.apps[0].listen.is_empty() {
+        // One app and no addresses of its own: the sockets systemd passed are its.
+        config.apps[0].listen = inherited.iter().map(|(_, a)| a.clone()).collect();
+    }
+    let opts = Options {
+        config,
+        inherited: Vec::new(),
+        ..opts
+    };
     let mut listeners = Vec::new();
     for (app_idx, app) in opts.config.apps.iter().enumerate() {
         for (i, addr) in app.listen.iter().enumerate() {
@@ -183,7 +202,13 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 Some(_) => format!("apps.{}.listen", app.name),
                 None => "--listen".to_string(),
             };
-            let listener = sockets::bind(addr, &field)?;
+            let listener = match sockets::take_inherited(&mut inherited, addr) {
+                Some(l) => {
+                    info!("{}: using {} from systemd (LISTEN_FDS)", app.name, l.local);
+                    l
+                }
+                None => sockets::bind(addr, &field)?,
+            };
             let passing = app.dispatch().passes();
             if passing || app.runtime == Runtime::Node {
                 // The master accepts on it, or Node 18 workers do (they hang on a blocking
@@ -207,6 +232,11 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             });
         }
     }
+
+    for (_, addr) in &inherited {
+        warn!("systemd passed a socket for {addr}, which no app listens on; closing it");
+    }
+    drop(inherited);
 
     let metrics_listener = match opts.config.metrics {
         Some(addr) => Some(
@@ -271,6 +301,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
             reload_waiters: Vec::new(),
+            notified_ready: false,
             metrics: None,
         };
         if let Some(listener) = metrics_listener {
@@ -346,9 +377,16 @@ impl Master {
             self.start_accepting(i);
         }
 
+        // systemd's watchdog: ping at half the interval it expects.
+        let watchdog = crate::notify::watchdog_interval();
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
         loop {
             let now = Instant::now();
             self.step(now);
+            self.notify_ready_once();
             if let Some(code) = self.finished() {
                 return code;
             }
@@ -377,6 +415,9 @@ impl Master {
                     }
                 }
                 _ = tick.tick() => self.on_tick(Instant::now()),
+                _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                    let _ = crate::notify::notify_parent("WATCHDOG=1");
+                }
                 _ = sleep => {}
             }
         }
@@ -507,6 +548,7 @@ impl Master {
                         seq: 0,
                         keys: BTreeSet::new(),
                         queried_any: false,
+                        said_ready: false,
                         awaiting_ack: None,
                         held: VecDeque::new(),
                         conn: None,
@@ -746,6 +788,9 @@ impl Master {
             }
         };
         self.reload_ended(app, r.replaced, r.total, failure);
+        if self.pools.iter().all(|p| p.reload.is_none()) {
+            let _ = crate::notify::notify_parent("READY=1");
+        }
     }
 
     fn begin_reload(&mut self, app: usize, new_spec: Option<AppSpec>, batch: usize) -> bool {
@@ -753,6 +798,10 @@ impl Master {
         let pool = &mut self.pools[app];
         let name = pool.spec.name.clone();
         if pool.start_reload(new_spec, batch, Duration::from_secs(30), now) {
+            let _ = crate::notify::notify_parent(&format!(
+                "RELOADING=1\nMONOTONIC_USEC={}",
+                crate::notify::monotonic_usec()
+            ));
             let total = pool.reload.as_ref().map_or(0, |r| r.total);
             probes::reload_start(name.as_str(), total as u32);
             info!(
@@ -890,6 +939,25 @@ impl Master {
             .collect();
         for id in ids {
             self.stop_worker(app, id, StopReason::Shutdown, now);
+        }
+    }
+
+    /// `READY=1` to our own supervisor once every app has its minimum of ready workers.
+    fn notify_ready_once(&mut self) {
+        if self.notified_ready || self.shutdown.is_some() {
+            return;
+        }
+        let all_up = self.pools.iter().all(|p| {
+            let (min, _) = p.spec.sizing.bounds();
+            p.ready() >= min.min(p.target) || p.stopping
+        });
+        if all_up {
+            self.notified_ready = true;
+            let ready: usize = self.pools.iter().map(Pool::ready).sum();
+            let _ = crate::notify::notify_parent(&format!(
+                "READY=1\nSTATUS={ready} workers ready in {} apps",
+                self.pools.len()
+            ));
         }
     }
 

@@ -34,7 +34,13 @@ impl Master {
             }
             FromWorker::QueryServer(q) => self.on_query_server(id, q),
             FromWorker::Listening { .. } => self.mark_ready(app, id, Instant::now(), "listening"),
-            FromWorker::Ready => self.mark_ready(app, id, Instant::now(), "said ready"),
+            FromWorker::Ready => {
+                if let Some(io) = self.io.get_mut(&id) {
+                    io.said_ready = true;
+                }
+                self.mark_ready(app, id, Instant::now(), "said ready");
+                self.dispatch_app(app);
+            }
             FromWorker::Close { key, .. } => {
                 if let Some(l) = self.listeners.iter().position(|l| l.keys.contains(&key))
                     && let Some(io) = self.io.get_mut(&id)
@@ -314,6 +320,7 @@ impl Master {
 
     /// Hands queued connections of listener `l` to workers while any can take one.
     pub(super) fn dispatch(&mut self, l: usize) {
+        let now = Instant::now();
         while !self.listeners[l].queue.is_empty() {
             let app = self.listeners[l].app;
             let mode = self.pools[app].spec.dispatch();
@@ -328,10 +335,14 @@ impl Master {
                         true
                     } else {
                         // A worker that is no cluster server takes plain connections from
-                        // a configured listener once it is ready.
+                        // a configured listener once it is ready. A Node worker must have
+                        // said so itself (`process.send('ready')`): one that is merely up
+                        // for `ready_after` may still be about to `listen()`, and a cluster
+                        // server would queue a plain socket message it never reads.
                         self.listeners[l].configured
                             && !io.queried_any
                             && w.state == WorkerState::Ready
+                            && (!self.pools[app].spec.is_node() || io.said_ready)
                     };
                     eligible.then_some(Candidate {
                         worker: w.id,
@@ -339,6 +350,7 @@ impl Master {
                         open: io.load.open,
                         busy: w.busy.unwrap_or(0.0),
                         served: io.served,
+                        lag_ms: io.load.lag(now).map_or(0, |l| l.as_millis() as u64),
                     })
                 })
                 .collect();

@@ -95,6 +95,16 @@ pub fn run_in(dir: tempfile::TempDir, args: &[&str]) -> Master {
 
 /// Like [`run_in`], with the control socket at `control`.
 pub fn run_with_control(dir: tempfile::TempDir, control: PathBuf, args: &[&str]) -> Master {
+    run_with(dir, control, args, |_| {})
+}
+
+/// The general form: `setup` may add environment or fds to the master's command.
+pub fn run_with(
+    dir: tempfile::TempDir,
+    control: PathBuf,
+    args: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Master {
     let mut full: Vec<String> = vec![
         "run".into(),
         "--control".into(),
@@ -104,16 +114,27 @@ pub fn run_with_control(dir: tempfile::TempDir, control: PathBuf, args: &[&str])
         args.iter()
             .map(|s| s.replace("{dir}", &dir.path().display().to_string())),
     );
-    let mut child = Command::new(BIN)
-        .args(&full)
+    let mut cmd = Command::new(BIN);
+    cmd.args(&full)
         .current_dir(dir.path())
         .env("PROCESSES_LOG", "debug")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start processes");
+        .stderr(Stdio::piped());
+    setup(&mut cmd);
+    spawn_master(cmd, dir, control, full)
+}
+
+/// Starts a prepared command (the master, possibly behind a wrapper) and captures its
+/// output.
+pub fn spawn_master(
+    mut cmd: Command,
+    dir: tempfile::TempDir,
+    control: PathBuf,
+    full: Vec<String>,
+) -> Master {
+    let mut child = cmd.spawn().expect("start processes");
     let out = Arc::new(Output::default());
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,

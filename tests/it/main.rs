@@ -4,7 +4,10 @@
 mod autoscale;
 mod common;
 mod config_errors;
+mod etcd;
+mod metrics;
 mod node;
 mod operations;
 mod probes;
 mod supervisor;
+mod systemd;
