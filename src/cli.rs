@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Register each app's live endpoints in etcd: etcd://HOST:PORT[,HOST:PORT…].
+    #[arg(long, value_name = "URL")]
+    pub registry: Option<String>,
+    /// The address other machines reach this one at, for the registry (default: host name).
+    #[arg(long, value_name = "HOST")]
+    pub advertise: Option<String>,
     /// Replace a worker whose RSS passes this (e.g. 512MiB): the new one starts first.
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<String>,
@@ -254,6 +260,24 @@ impl RunArgs {
         }
         if let Some(s) = &self.metrics {
             config.metrics = Some(config::parse_metrics_addr(s).map_err(|m| err("--metrics", m))?);
+        }
+        if let Some(url) = &self.registry {
+            let keep = config.registry.take();
+            let mut r =
+                config::RegistrySettings::from_url(url).map_err(|m| err("--registry", m))?;
+            if let Some(old) = keep {
+                r.prefix = old.prefix;
+                r.ttl = old.ttl;
+                r.advertise = old.advertise;
+            }
+            config.registry = Some(r);
+        }
+        if let Some(a) = &self.advertise {
+            config::check_advertise(a).map_err(|m| err("--advertise", m))?;
+            match config.registry.as_mut() {
+                Some(r) => r.advertise = Some(a.clone()),
+                None => return Err(err("--advertise", "only means something with --registry")),
+            }
         }
         Ok(())
     }
@@ -370,6 +394,7 @@ impl RunArgs {
         Ok(Config {
             sample_interval: config::DEFAULT_SAMPLE_INTERVAL,
             metrics: None,
+            registry: None,
             apps: vec![AppSpec {
                 name,
                 command: self.command.clone(),

@@ -315,6 +315,8 @@ pub struct Config {
     pub sample_interval: Duration,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`.
     pub metrics: Option<SocketAddr>,
+    /// Where to register each app's live endpoints (etcd); off when `None`.
+    pub registry: Option<RegistrySettings>,
     /// Where the file came from, for `reload` to read it again.
     pub file: Option<PathBuf>,
 }
@@ -324,6 +326,77 @@ pub const DEFAULT_READY_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Sampling faster than this costs more than it tells.
 pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Endpoint registration in etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrySettings {
+    /// etcd client endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix, default `/processes/`.
+    pub prefix: String,
+    /// Lease time-to-live: how long keys outlive a dead master.
+    pub ttl: Duration,
+    /// The address other machines reach this one at (default: the host name).
+    pub advertise: Option<String>,
+}
+
+impl RegistrySettings {
+    /// From a `--registry` URL with the defaults.
+    pub fn from_url(url: &str) -> Result<RegistrySettings, String> {
+        Ok(RegistrySettings {
+            endpoints: crate::registry::parse_url(url)?,
+            prefix: crate::registry::DEFAULT_PREFIX.to_string(),
+            ttl: crate::registry::DEFAULT_TTL,
+            advertise: None,
+        })
+    }
+}
+
+/// `registry = "etcd://…"` or `[registry] url, prefix, ttl, advertise`.
+fn parse_registry(top: &mut Fields) -> Result<Option<RegistrySettings>, ConfigError> {
+    match top.table.remove("registry") {
+        None => Ok(None),
+        Some(toml::Value::String(url)) => RegistrySettings::from_url(&url)
+            .map(Some)
+            .map_err(|m| top.err("registry", m)),
+        Some(toml::Value::Table(t)) => {
+            let mut f = Fields::new(&top.origin, "registry".into(), t);
+            let url = f.take_string("url")?;
+            let prefix = f.take_string("prefix")?;
+            let ttl = f.take_duration("ttl")?;
+            let advertise = f.take_string("advertise")?;
+            f.finish()?;
+            let url = url.ok_or_else(|| f.err("url", "missing; set it to etcd://HOST:PORT"))?;
+            let mut r = RegistrySettings::from_url(&url).map_err(|m| f.err("url", m))?;
+            if let Some(p) = prefix {
+                if !p.starts_with('/') {
+                    return Err(f.err("prefix", format!("`{p}` must start with `/`")));
+                }
+                r.prefix = if p.ends_with('/') { p } else { format!("{p}/") };
+            }
+            if let Some(t) = ttl {
+                if t < Duration::from_secs(1) {
+                    return Err(f.err("ttl", format!("{t:?} is below the minimum of 1s")));
+                }
+                r.ttl = t;
+            }
+            if let Some(a) = advertise {
+                check_advertise(&a).map_err(|m| f.err("advertise", m))?;
+                r.advertise = Some(a);
+            }
+            Ok(Some(r))
+        }
+        Some(v) => Err(top.type_err("registry", "a URL string or a [registry] table", &v)),
+    }
+}
+
+/// An advertised address: a host name or IP, no port, no spaces or slashes.
+pub fn check_advertise(a: &str) -> Result<(), String> {
+    if a.is_empty() || a.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("`{a}` is not a host name or address"));
+    }
+    Ok(())
+}
 
 /// A TCP address for the metrics endpoint (`HOST:PORT` or `:PORT`).
 pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
@@ -627,6 +700,7 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
         None => None,
         Some(s) => Some(parse_metrics_addr(&s).map_err(|m| top.err("metrics", m))?),
     };
+    let registry = parse_registry(&mut top)?;
     let sample_interval = match top.take_duration("sample_interval")? {
         Some(d) => check_sample_interval(d).map_err(|m| top.err("sample_interval", m))?,
         None => DEFAULT_SAMPLE_INTERVAL,
@@ -681,6 +755,7 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
         apps,
         sample_interval,
         metrics,
+        registry,
         file: None,
     })
 }

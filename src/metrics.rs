@@ -29,6 +29,8 @@ pub const EXITS: &str = "processes_worker_exits_total";
 pub const UTILIZATION: &str = "processes_utilization_ratio";
 pub const WORKER_UTILIZATION: &str = "processes_worker_utilization_ratio";
 pub const SATURATION: &str = "processes_saturation_ratio";
+pub const SETPOINT: &str = "processes_setpoint_ratio";
+pub const REGISTRY_UP: &str = "processes_registry_up";
 pub const LAG: &str = "processes_event_loop_lag_seconds";
 pub const WORKER_RSS: &str = "processes_worker_resident_memory_bytes";
 pub const HANDLES: &str = "processes_handles_passed_total";
@@ -98,6 +100,11 @@ fn describe() {
         "1 for the bound that holds the size now (none, min, max, cpu, memory, cgroup, host_cpu_saturated, spawns_in_flight, doubling), else 0."
     );
     describe_gauge!(CRASH_LOOPING, "Slots of an app marked crash-looping.");
+    describe_gauge!(SETPOINT, "The utilization the controller steers an app to.");
+    describe_gauge!(
+        REGISTRY_UP,
+        "1 while the endpoints are registered in etcd under a live lease, 0 while it retries."
+    );
     describe_counter!(
         RESTARTS,
         "Workers started again, by reason (crash, memory, reload, restart)."
@@ -113,7 +120,7 @@ fn describe() {
     describe_gauge!(WORKER_UTILIZATION, "Busy fraction of one worker slot.");
     describe_gauge!(
         SATURATION,
-        "0-1: how far past its setpoint an app runs while pinned at its machine bound; what a cluster autoscaler should scale machines on."
+        "0-1: how far past its setpoint an app runs while it cannot grow here (held at its upper bound: max, CPUs x factor, memory; a fixed pool at its size); what a cluster autoscaler should add machines or pods on."
     );
     describe_histogram!(
         LAG,
@@ -273,6 +280,7 @@ pub struct AppFigures<'a> {
     pub crash_looping: usize,
     pub utilization: Option<f64>,
     pub saturation: f64,
+    pub setpoint: f64,
     pub queue: usize,
 }
 
@@ -298,6 +306,7 @@ pub fn app_tick(f: &AppFigures<'_>) {
         gauge!(UTILIZATION, "app" => app.clone()).set(u);
     }
     gauge!(SATURATION, "app" => app.clone()).set(f.saturation);
+    gauge!(SETPOINT, "app" => app.clone()).set(f.setpoint);
     gauge!(QUEUE, "app" => app).set(f.queue as f64);
 }
 
@@ -324,6 +333,10 @@ pub fn master_tick(tick: Duration, cpu_seconds: f64, rss: u64, dropped_lines: u6
     counter!(OUTPUT_DROPPED).absolute(dropped_lines);
 }
 
+pub fn registry_tick(connected: bool) {
+    gauge!(REGISTRY_UP).set(f64::from(u8::from(connected)));
+}
+
 pub fn host_tick(cpus: f64, cpu_busy: Option<f64>, mem_headroom: Option<u64>) {
     gauge!(HOST_CPUS).set(cpus);
     if let Some(b) = cpu_busy {
@@ -334,9 +347,10 @@ pub fn host_tick(cpus: f64, cpu_busy: Option<f64>, mem_headroom: Option<u64>) {
     }
 }
 
-/// Saturation of a pool for a cluster autoscaler: 0 unless the pool is at its machine
-/// bound (it cannot grow here); then how far utilization runs past the setpoint, scaled
-/// so that 1 means fully busy. Pure.
+/// Saturation of a pool for a cluster autoscaler: 0 unless the pool cannot grow here (it
+/// is held at its upper bound — the configured `max`, CPUs × factor or memory headroom —
+/// or is a fixed pool); then how far utilization runs past the setpoint, scaled so that 1
+/// means fully busy. Pure.
 pub fn saturation(at_machine_bound: bool, utilization: Option<f64>, setpoint: f64) -> f64 {
     match utilization {
         Some(u) if at_machine_bound && u > setpoint && setpoint < 1.0 => {
@@ -390,6 +404,8 @@ mod tests {
             MASTER_CPU,
             MASTER_RSS,
             HOST_CPUS,
+            SETPOINT,
+            REGISTRY_UP,
             HOST_CPU_BUSY,
             HOST_MEM_HEADROOM,
         ];

@@ -175,6 +175,12 @@ struct Master {
     notified_ready: bool,
     /// Clients waiting for reloads to finish.
     reload_waiters: Vec<status::ReloadWaiter>,
+    /// Endpoint registration in etcd, when `--registry` is on.
+    registry: Option<crate::registry::Registry>,
+    /// What was last handed to the registry, per app: (ready, generation).
+    registry_seen: Vec<(usize, u64)>,
+    /// The address other machines reach this one at.
+    advertise: String,
     /// The Prometheus recorder, when `--metrics` is on.
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -301,6 +307,9 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
             reload_waiters: Vec::new(),
+            registry: None,
+            registry_seen: Vec::new(),
+            advertise: String::new(),
             notified_ready: false,
             metrics: None,
         };
@@ -335,7 +344,14 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             }
         });
         control::serve(control_listener, events_tx.clone());
+        if let Some(r) = &opts.config.registry {
+            master.start_registry(r);
+        }
         let code = master.run(events_rx).await;
+        if let Some(registry) = master.registry.take() {
+            // Graceful stop: the keys go now, not when the lease runs out.
+            registry.shutdown(Duration::from_secs(2)).await;
+        }
         let _ = std::fs::remove_file(&control_path);
         Ok(code)
     })
@@ -387,6 +403,7 @@ impl Master {
             let now = Instant::now();
             self.step(now);
             self.notify_ready_once();
+            self.update_registry();
             if let Some(code) = self.finished() {
                 return code;
             }
@@ -940,6 +957,72 @@ impl Master {
         for id in ids {
             self.stop_worker(app, id, StopReason::Shutdown, now);
         }
+    }
+
+    fn start_registry(&mut self, settings: &crate::config::RegistrySettings) {
+        let node = settings.advertise.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        });
+        let cfg = crate::registry::RegistryConfig {
+            endpoints: settings.endpoints.clone(),
+            prefix: settings.prefix.clone(),
+            ttl: settings.ttl,
+            node: node.clone(),
+        };
+        if let Err(e) = cfg.validate() {
+            warn!("registry: {e}; endpoints are not registered");
+            return;
+        }
+        info!(
+            "registry: registering endpoints in etcd at {} under {} as {node}",
+            settings.endpoints.join(","),
+            settings.prefix
+        );
+        self.advertise = node;
+        self.registry = Some(crate::registry::Registry::start(cfg));
+    }
+
+    /// Hands the registry a new snapshot when something a load balancer cares about
+    /// changed: an app's ready count (becoming ready, draining, losing every worker) or
+    /// its version.
+    fn update_registry(&mut self) {
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let seen: Vec<(usize, u64)> = self
+            .pools
+            .iter()
+            .map(|p| (p.ready(), p.generation))
+            .collect();
+        if seen == self.registry_seen {
+            return;
+        }
+        self.registry_seen = seen;
+        let snapshot = self
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| crate::registry::AppEndpoints {
+                app: p.spec.name.to_string(),
+                endpoints: self
+                    .listeners
+                    .iter()
+                    .filter(|l| l.app == i && !l.udp)
+                    .filter_map(|l| match &l.listener.local {
+                        ListenAddr::Tcp(a) => {
+                            Some(crate::registry::advertised_endpoint(*a, &self.advertise))
+                        }
+                        ListenAddr::Unix(_) => None,
+                    })
+                    .collect(),
+                ready: p.ready(),
+                version: p.generation,
+            })
+            .collect();
+        registry.update(snapshot);
     }
 
     /// `READY=1` to our own supervisor once every app has its minimum of ready workers.

@@ -162,6 +162,9 @@ impl Master {
             self.sample_app(app, now, &host);
         }
         crate::metrics::host_tick(host.cpus, host.cpu_busy, host.mem_headroom);
+        if let Some(r) = &self.registry {
+            crate::metrics::registry_tick(r.state().label() == "connected");
+        }
         self.sampling.last_host = Some(host);
         let took = started.elapsed();
         self.sampling.last_tick = took;
@@ -377,6 +380,7 @@ impl Master {
                 utilization,
                 pool.spec.tuning.setpoint,
             ),
+            setpoint: pool.spec.tuning.setpoint,
             queue: queued,
         });
     }

@@ -121,6 +121,7 @@ impl Master {
             "pid": std::process::id(),
             "apps": apps,
             "host": host,
+            "registry": self.registry.as_ref().map(|r| r.state().to_json()),
             "sample": {
                 "interval_ms": self.sampling.interval.as_millis() as u64,
                 "ticks": self.sampling.ticks,

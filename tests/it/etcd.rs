@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use processes::registry::{self, AppEndpoints, Registry, RegistryConfig, RegistryState};
 use serde_json::Value;
 
+use crate::common::{cli, get, run_config};
+
 /// One key as etcd holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Entry {
@@ -661,4 +663,144 @@ fn registry_replaces_a_revoked_lease() {
     assert!(matches!(reg.state(), RegistryState::Connected { .. }));
     rt.block_on(reg.shutdown(Duration::from_secs(3)));
     assert!(!etcd.leases().contains(&new));
+}
+
+// ---- a whole master against a real etcd ---------------------------------------------------
+
+fn master_config(etcd: &Etcd, ttl: &str) -> String {
+    format!(
+        r#"
+        [registry]
+        url = "{}"
+        ttl = "{ttl}"
+        advertise = "node-a"
+        [apps.web]
+        command = ["{{fixture}}", "serve", "graceful"]
+        instances = 2
+        listen = "127.0.0.1:0"
+        dispatch = "round-robin"
+        ready_after = "50ms"
+        "#,
+        etcd.url()
+    )
+}
+
+const WEB: &str = "/processes/web/node-a";
+
+fn ready_of(keys: &Keys) -> Option<u64> {
+    keys.get(WEB).and_then(|e| e.value["ready"].as_u64())
+}
+
+/// The master registers its app, follows scaling and draining within a second, keeps
+/// serving through an etcd outage and registers again when it is back, and removes its
+/// keys when it stops.
+#[test]
+fn a_master_registers_follows_rides_out_etcd_and_cleans_up() {
+    let Some(mut etcd) =
+        Etcd::start_or_skip("a_master_registers_follows_rides_out_etcd_and_cleans_up")
+    else {
+        return;
+    };
+    let mut m = run_config(&master_config(&etcd, "3s"), &[]);
+    let port = m.port();
+    let (keys, took) = etcd.wait_keys(
+        "/processes/",
+        "web with 2 ready",
+        Duration::from_secs(10),
+        |k| ready_of(k) == Some(2),
+    );
+    let v = &keys[WEB].value;
+    assert_eq!(
+        v["endpoints"],
+        serde_json::json!([format!("127.0.0.1:{port}")]),
+        "{v}"
+    );
+    assert_eq!(v["node"], "node-a");
+    assert_eq!(v["version"], 0);
+    assert_ne!(keys[WEB].lease, 0, "the key lives under the master's lease");
+    eprintln!("registered {took:?} after start");
+
+    // Scale up, then down: the key follows the ready count.
+    let (code, _, _) = cli(&m, &["scale", "web", "3"]);
+    assert_eq!(code, Some(0));
+    m.wait_ready(3);
+    let (_, took) = etcd.wait_keys(
+        "/processes/",
+        "web with 3 ready",
+        Duration::from_secs(5),
+        |k| ready_of(k) == Some(3),
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the registry lagged {took:?} behind the pool"
+    );
+    let (code, _, _) = cli(&m, &["scale", "web", "1"]);
+    assert_eq!(code, Some(0));
+    m.wait_ready(1);
+    let (_, took) = etcd.wait_keys(
+        "/processes/",
+        "web with 1 ready",
+        Duration::from_secs(5),
+        |k| ready_of(k) == Some(1),
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the registry lagged {took:?} behind the drain"
+    );
+
+    // etcd goes away: the master keeps serving and says so in status.
+    etcd.kill();
+    for _ in 0..5 {
+        assert!(get(port).unwrap().starts_with("slot="));
+    }
+    m.wait_status("the registry down", |s| s["registry"]["state"] == "down");
+    assert!(get(port).is_ok());
+    // A change while etcd is down is written once it is back.
+    let (code, _, _) = cli(&m, &["scale", "web", "2"]);
+    assert_eq!(code, Some(0));
+    m.wait_ready(2);
+    etcd.restart();
+    etcd.wait_keys(
+        "/processes/",
+        "web registered again with 2 ready",
+        Duration::from_secs(15),
+        |k| ready_of(k) == Some(2),
+    );
+    m.wait_status("the registry connected", |s| {
+        s["registry"]["state"] == "connected"
+    });
+
+    // A graceful stop removes the keys at once, not after the TTL.
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit(Duration::from_secs(15)).success());
+    let keys = etcd.keys("/processes/");
+    assert!(
+        keys.is_empty(),
+        "keys left after a graceful stop: {keys:#?}"
+    );
+}
+
+/// A master that dies without a word leaves its keys only until its lease expires.
+#[test]
+fn a_killed_masters_keys_vanish_with_its_lease() {
+    let Some(etcd) = Etcd::start_or_skip("a_killed_masters_keys_vanish_with_its_lease") else {
+        return;
+    };
+    let mut m = run_config(&master_config(&etcd, "2s"), &[]);
+    etcd.wait_keys(
+        "/processes/",
+        "web with 2 ready",
+        Duration::from_secs(10),
+        |k| ready_of(k) == Some(2),
+    );
+    m.signal(libc::SIGKILL);
+    m.wait_exit(Duration::from_secs(5));
+    let (_, took) = etcd.wait_keys("/processes/", "no keys", Duration::from_secs(10), |k| {
+        k.is_empty()
+    });
+    eprintln!("keys gone {took:?} after the master was killed (ttl 2s)");
+    assert!(
+        took <= Duration::from_secs(4),
+        "keys outlived the 2s lease by too much: {took:?}"
+    );
 }
