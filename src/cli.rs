@@ -180,6 +180,13 @@ pub struct RunArgs {
     /// Kill a worker at once when its RSS passes this.
     #[arg(long, value_name = "SIZE")]
     pub kill_memory: Option<String>,
+    /// The master's environment variables workers see: all, none, or NAME,NAME,PREFIX_*
+    /// (default: PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, LC_*, TZ, TERM, TMPDIR).
+    #[arg(long, value_name = "LIST")]
+    pub inherit_env: Option<String>,
+    /// Run workers as this user (the master must be root; it binds ports first).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     /// Run every app in this file instead of a command.
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -220,7 +227,7 @@ impl RunArgs {
     /// Turns the flags (or the file they name) into a validated config.
     pub fn to_config(&self) -> Result<Config, crate::errors::StartError> {
         if let Some(file) = &self.config {
-            let app_flags: [(&str, bool); 13] = [
+            let app_flags: [(&str, bool); 15] = [
                 ("-i/--instances", self.instances.is_some()),
                 ("--autoscale", self.autoscale.is_some()),
                 ("--cwd", self.cwd.is_some()),
@@ -233,6 +240,8 @@ impl RunArgs {
                 ("--runtime", self.runtime.is_some()),
                 ("--max-memory", self.max_memory.is_some()),
                 ("--kill-memory", self.kill_memory.is_some()),
+                ("--inherit-env", self.inherit_env.is_some()),
+                ("--user", self.user.is_some()),
                 ("COMMAND", !self.command.is_empty()),
             ];
             if let Some((flag, _)) = app_flags.iter().find(|(_, set)| *set) {
@@ -412,6 +421,14 @@ impl RunArgs {
                 tuning: config::Tuning::default(),
                 max_memory,
                 kill_memory,
+                inherit_env: match &self.inherit_env {
+                    None => config::InheritEnv::default(),
+                    Some(s) => config::InheritEnv::parse(s).map_err(|m| err("--inherit-env", m))?,
+                },
+                user: match &self.user {
+                    None => None,
+                    Some(u) => Some(config::RunAs::resolve(u, None).map_err(|m| err("--user", m))?),
+                },
             }],
             file: None,
         })

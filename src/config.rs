@@ -265,6 +265,118 @@ pub struct AppSpec {
     pub max_memory: Option<u64>,
     /// Past this RSS a worker is killed at once.
     pub kill_memory: Option<u64>,
+    /// Which of the master's environment variables workers see (besides `env`).
+    pub inherit_env: InheritEnv,
+    /// Run workers as this user and group (the master must be root to switch).
+    pub user: Option<RunAs>,
+}
+
+/// The master's environment reaching workers. Secrets the master was started with do
+/// not leak into workers unless asked for: by default only a short list of harmless
+/// variables passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InheritEnv {
+    /// Every variable.
+    All,
+    /// These names; a trailing `*` matches a prefix (`LC_*`).
+    Only(Vec<String>),
+}
+
+/// What workers inherit by default: locating programs and the locale, nothing more.
+pub const DEFAULT_INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "TMPDIR",
+];
+
+impl Default for InheritEnv {
+    fn default() -> Self {
+        InheritEnv::Only(
+            DEFAULT_INHERITED_ENV
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+    }
+}
+
+impl InheritEnv {
+    /// `all`, `none`, or a comma-separated list of names (`A,B,LC_*`).
+    pub fn parse(s: &str) -> Result<InheritEnv, String> {
+        match s.trim() {
+            "all" => Ok(InheritEnv::All),
+            "none" | "" => Ok(InheritEnv::Only(Vec::new())),
+            list => {
+                let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
+                for n in &names {
+                    check_env_pattern(n)?;
+                }
+                Ok(InheritEnv::Only(names))
+            }
+        }
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            InheritEnv::All => true,
+            InheritEnv::Only(list) => list.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => p == name,
+            }),
+        }
+    }
+}
+
+fn check_env_pattern(n: &str) -> Result<(), String> {
+    let bare = n.strip_suffix('*').unwrap_or(n);
+    if bare.is_empty() && n != "*" || bare.contains(['=', '*', ' ', '\0']) {
+        return Err(format!(
+            "`{n}` is not a variable name (a trailing * matches a prefix, as in LC_*)"
+        ));
+    }
+    Ok(())
+}
+
+/// A user (and group) to run workers as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Looks the user (and optional group) up; the master must be able to switch to it.
+    pub fn resolve(user: &str, group: Option<&str>) -> Result<RunAs, String> {
+        let u = match user.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(user),
+        }
+        .map_err(|e| format!("cannot look up user `{user}`: {e}"))?
+        .ok_or_else(|| format!("no user named `{user}` on this machine"))?;
+        let gid = match group {
+            None => u.gid.as_raw(),
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => nix::unistd::Group::from_name(g)
+                    .map_err(|e| format!("cannot look up group `{g}`: {e}"))?
+                    .ok_or_else(|| format!("no group named `{g}` on this machine"))?
+                    .gid
+                    .as_raw(),
+            },
+        };
+        let me = nix::unistd::geteuid();
+        if !me.is_root() && (u.uid != me || gid != nix::unistd::getegid().as_raw()) {
+            return Err(format!(
+                "running workers as `{user}` needs the master to run as root (it runs as uid {me})"
+            ));
+        }
+        Ok(RunAs {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid,
+            home: u.dir,
+        })
+    }
 }
 
 /// The autoscaling settings a user may change; the defaults and their reasons are
@@ -793,6 +905,40 @@ fn parse_app(
     let preload = f.take_bool("preload")?.unwrap_or(true);
     let max_memory = f.take_size("max_memory")?;
     let kill_memory = f.take_size("kill_memory")?;
+    let inherit_env = match f.table.remove("inherit_env") {
+        None => InheritEnv::default(),
+        Some(toml::Value::Boolean(true)) => InheritEnv::All,
+        Some(toml::Value::Boolean(false)) => InheritEnv::Only(Vec::new()),
+        Some(toml::Value::Array(items)) => {
+            let mut names = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    toml::Value::String(s) => {
+                        check_env_pattern(&s)
+                            .map_err(|m| f.err(&format!("inherit_env[{i}]"), m))?;
+                        names.push(s);
+                    }
+                    v => {
+                        return Err(f.type_err(
+                            &format!("inherit_env[{i}]"),
+                            "a variable name",
+                            &v,
+                        ));
+                    }
+                }
+            }
+            InheritEnv::Only(names)
+        }
+        Some(v) => {
+            return Err(f.type_err(
+                "inherit_env",
+                "true, false or a list of variable names like [\"PATH\", \"LC_*\"]",
+                &v,
+            ));
+        }
+    };
+    let user_name = f.take_string("user")?;
+    let group_name = f.take_string("group")?;
     let backoff = match f.take_table("backoff")? {
         Some(t) => parse_backoff(origin, &format!("{path}.backoff"), t)?,
         None => BackoffParams::default(),
@@ -828,6 +974,11 @@ fn parse_app(
             format!("{hard} bytes is below max_memory ({soft} bytes); the hard limit must be the higher one"),
         ));
     }
+    let user = match (&user_name, &group_name) {
+        (Some(u), g) => Some(RunAs::resolve(u, g.as_deref()).map_err(|m| f.err("user", m))?),
+        (None, Some(_)) => return Err(f.err("group", "only means something with user")),
+        (None, None) => None,
+    };
     let runtime = runtime.unwrap_or(if looks_like_node(&command) {
         Runtime::Node
     } else {
@@ -850,6 +1001,8 @@ fn parse_app(
         tuning,
         max_memory,
         kill_memory,
+        inherit_env,
+        user,
     })
 }
 

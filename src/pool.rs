@@ -716,6 +716,8 @@ mod tests {
             tuning: Default::default(),
             max_memory: None,
             kill_memory: None,
+            inherit_env: Default::default(),
+            user: None,
         }
     }
 

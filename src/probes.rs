@@ -53,7 +53,7 @@ pub fn register_or_warn() {
 macro_rules! fire {
     ($probe:ident, $($arg:expr),+) => {
         #[cfg(feature = "usdt-probes")]
-        processes::$probe!(|| ($($arg),+));
+        self::processes::$probe!(|| ($($arg),+));
         #[cfg(not(feature = "usdt-probes"))]
         // never called: keeps the arguments "used" without evaluating them
         { let _ = || { $( let _ = $arg; )+ }; }

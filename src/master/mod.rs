@@ -632,7 +632,17 @@ impl Master {
         let channel_fd = 3 + fds.len();
         fds.push(worker_end.as_raw_fd());
 
-        let mut env: BTreeMap<String, String> = self.base_env.iter().cloned().collect();
+        let mut env: BTreeMap<String, String> = self
+            .base_env
+            .iter()
+            .filter(|(k, _)| spec.inherit_env.allows(k))
+            .cloned()
+            .collect();
+        if let Some(u) = &spec.user {
+            env.insert("USER".into(), u.name.clone());
+            env.insert("LOGNAME".into(), u.name.clone());
+            env.insert("HOME".into(), u.home.display().to_string());
+        }
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.insert("PROCESSES_APP".into(), spec.name.to_string());
         env.insert("PROCESSES_WORKER_ID".into(), slot.to_string());
@@ -672,7 +682,7 @@ impl Master {
             env: env.into_iter().collect(),
             listen_pid: !inherited.is_empty(),
             fds,
-            user: None,
+            user: spec.user.as_ref().map(|u| (u.uid, u.gid)),
         };
         let spawned = spawn::spawn(&plan)?;
         for l in &inherited {

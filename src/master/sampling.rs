@@ -124,7 +124,7 @@ pub struct PreloadFile {
 impl PreloadFile {
     pub fn write() -> std::io::Result<PreloadFile> {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!(
+        let dir = shared_temp_dir().join(format!(
             "processes-{}-{:x}",
             std::process::id(),
             seed() & 0xffff_ffff
@@ -145,6 +145,24 @@ impl PreloadFile {
             _ => req,
         }
     }
+}
+
+/// A temp directory every user can reach: workers may run as another user than the
+/// master, and some machines make `/tmp` root-only.
+fn shared_temp_dir() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates = [
+        std::env::temp_dir(),
+        PathBuf::from("/var/tmp"),
+        PathBuf::from("/dev/shm"),
+    ];
+    candidates
+        .iter()
+        .find(|d| {
+            std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o001 != 0)
+        })
+        .cloned()
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 impl Drop for PreloadFile {

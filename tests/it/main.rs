@@ -9,5 +9,6 @@ mod metrics;
 mod node;
 mod operations;
 mod probes;
+mod security;
 mod supervisor;
 mod systemd;
