@@ -95,6 +95,8 @@ pub struct Sampling {
     pub last_tick: Duration,
     pub max_tick: Duration,
     pub ticks: u64,
+    /// Time spent in ticks so far, for the mean.
+    pub total_tick: Duration,
     /// The master's own `/proc/self/stat`.
     me: Option<TaskStat>,
 }
@@ -110,6 +112,7 @@ impl Sampling {
             last_tick: Duration::ZERO,
             max_tick: Duration::ZERO,
             ticks: 0,
+            total_tick: Duration::ZERO,
             me: TaskStat::process(std::process::id() as i32).ok(),
         }
     }
@@ -188,6 +191,7 @@ impl Master {
         self.sampling.last_tick = took;
         self.sampling.max_tick = self.sampling.max_tick.max(took);
         self.sampling.ticks += 1;
+        self.sampling.total_tick += took;
         if let Some(handle) = &self.metrics {
             if let Some(me) = self.sampling.me.as_mut().and_then(|s| s.read().ok()) {
                 crate::metrics::master_tick(

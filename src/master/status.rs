@@ -127,6 +127,9 @@ impl Master {
                 "ticks": self.sampling.ticks,
                 "last_tick_us": self.sampling.last_tick.as_micros() as u64,
                 "max_tick_us": self.sampling.max_tick.as_micros() as u64,
+                "mean_tick_us": (self.sampling.total_tick.as_micros() as u64)
+                    .checked_div(self.sampling.ticks)
+                    .unwrap_or(0),
             },
         }))
     }
