@@ -165,6 +165,8 @@ struct Master {
     /// Exit code when the loop ends because every app stopped by itself.
     exit_code: i32,
     config_file: Option<std::path::PathBuf>,
+    /// The config file's modification time when last read: a change reloads what changed.
+    config_mtime: Option<std::time::SystemTime>,
     control_path: std::path::PathBuf,
     sampling: sampling::Sampling,
     /// Per app: the autoscaling controller, for pools sized by load.
@@ -302,6 +304,11 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             shutdown: None,
             exit_code: 0,
             config_file: opts.config.file.clone(),
+            config_mtime: opts
+                .config
+                .file
+                .as_ref()
+                .and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
             control_path: control_path.clone(),
             sampling: sampling::Sampling::new(opts.config.sample_interval),
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
@@ -1086,6 +1093,58 @@ impl Master {
     /// Starts a rolling reload of these apps, with their specs re-read from the config
     /// file when there is one. Returns the apps whose reload started; an error (nothing
     /// started) when the file no longer parses or changes what a reload cannot.
+    /// A changed config file rolls out like `processes reload`, for the apps whose
+    /// settings changed. Checked once per sample tick.
+    pub(super) fn check_config_file(&mut self) {
+        let Some(path) = self.config_file.clone() else {
+            return;
+        };
+        let Ok(mtime) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
+            return;
+        };
+        if self.config_mtime == Some(mtime) {
+            return;
+        }
+        self.config_mtime = Some(mtime);
+        let fresh = match crate::config::load_file(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    "{} changed but {}; keeping the running configuration",
+                    path.display(),
+                    error_chain(&e)
+                );
+                return;
+            }
+        };
+        let changed: Vec<usize> = (0..self.pools.len())
+            .filter(|&i| {
+                let current = &self.pools[i].spec;
+                fresh
+                    .apps
+                    .iter()
+                    .find(|a| a.name == current.name)
+                    .is_some_and(|a| a != current)
+            })
+            .filter(|&i| self.pools[i].reload.is_none())
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let names: Vec<String> = changed
+            .iter()
+            .map(|&i| self.pools[i].spec.name.to_string())
+            .collect();
+        info!(
+            "{} changed: rolling reload of {}",
+            path.display(),
+            names.join(", ")
+        );
+        if let Err(e) = self.reload_apps(&changed, 1) {
+            error!("reload: {e}; keeping the running configuration");
+        }
+    }
+
     pub(super) fn reload_apps(
         &mut self,
         apps: &[usize],

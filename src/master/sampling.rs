@@ -178,6 +178,7 @@ impl Master {
     /// One sample tick over every app.
     pub(super) fn on_tick(&mut self, now: Instant) {
         let started = Instant::now();
+        self.check_config_file();
         let host = self.sampling.host.sample();
         for app in 0..self.pools.len() {
             self.sample_app(app, now, &host);

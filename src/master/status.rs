@@ -31,18 +31,28 @@ impl Master {
                     },
                     None => (0..self.pools.len()).collect(),
                 };
-                if let Some(busy) = targets.iter().find(|&&i| self.pools[i].reload.is_some()) {
-                    let name = &self.pools[*busy].spec.name;
-                    return responder.reply(Reply::error(format!(
-                        "{name}: a reload is already running; wait for it to finish"
-                    )));
+                // An app already reloading (a config file change, another client) is not
+                // reloaded twice: this client waits for that reload's outcome instead.
+                let (running, idle): (Vec<usize>, Vec<usize>) = targets
+                    .into_iter()
+                    .partition(|&i| self.pools[i].reload.is_some());
+                for &i in &running {
+                    responder.progress(format!(
+                        "{}: a reload is already running; waiting for it",
+                        self.pools[i].spec.name
+                    ));
                 }
-                match self.reload_apps(&targets, batch.unwrap_or(1).max(1)) {
+                let started = if idle.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.reload_apps(&idle, batch.unwrap_or(1).max(1))
+                };
+                match started.map(|s| (s, running)) {
                     Err(e) => Reply::error(e),
-                    Ok(started) if started.is_empty() => {
+                    Ok((started, running)) if started.is_empty() && running.is_empty() => {
                         Reply::ok(serde_json::json!({"replaced": 0}))
                     }
-                    Ok(started) => {
+                    Ok((mut started, running)) => {
                         for &i in &started {
                             let total = self.pools[i].reload.as_ref().map_or(0, |r| r.total);
                             responder.progress(format!(
@@ -51,6 +61,7 @@ impl Master {
                                 batch.unwrap_or(1).max(1)
                             ));
                         }
+                        started.extend(running);
                         self.reload_waiters.push(ReloadWaiter {
                             pending: started.into_iter().collect(),
                             failures: Vec::new(),

@@ -400,3 +400,52 @@ fn a_control_client_of_another_user_is_refused() {
     );
     m.wait_log("control: refused a client running as uid 65534");
 }
+
+/// Editing the config file rolls the change out by itself, like `processes reload`, for
+/// the apps whose settings changed; the others keep their workers.
+#[test]
+fn a_config_file_change_reloads_what_changed() {
+    let config = |version: &str| {
+        format!(
+            r#"
+            sample_interval = "100ms"
+            [apps.changing]
+            command = ["{FIXTURE}"]
+            instances = 2
+            env = {{ VERSION = "{version}" }}
+            ready_after = "100ms"
+            [apps.steady]
+            command = ["{FIXTURE}"]
+            ready_after = "100ms"
+            "#
+        )
+    };
+    let m = run_config(&config("1"), &[]);
+    let before = m.wait_status("both apps ready", |s| {
+        s["apps"][0]["ready"] == 2 && s["apps"][1]["ready"] == 1
+    });
+    let steady_before = before["apps"][1]["workers"][0]["pid"].clone();
+    std::fs::write(m.path().join("processes.toml"), config("2")).unwrap();
+    m.wait_log("changed: rolling reload of changing");
+    m.wait_log("changing: reload done, 2/2");
+    let after = m.wait_status("the new version ready", |s| {
+        s["apps"][0]["ready"] == 2
+            && s["apps"][0]["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["generation"] == 1)
+    });
+    for w in after["apps"][0]["workers"].as_array().unwrap() {
+        let pid = w["pid"].as_i64().unwrap();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            env.split(|&b| b == 0).any(|e| e == b"VERSION=2"),
+            "worker {pid} runs the old environment"
+        );
+    }
+    assert_eq!(
+        after["apps"][1]["workers"][0]["pid"], steady_before,
+        "an unchanged app keeps its worker"
+    );
+}
