@@ -78,17 +78,21 @@ pub enum Incoming {
     Closed(Option<Violation>),
 }
 
+/// An fd the master holds while it is also on its way to a worker: sharing it costs no
+/// `dup`, and the master's copy stays usable for a retransmission or a re-dispatch.
+pub type SharedFd = std::sync::Arc<OwnedFd>;
+
 /// A line to send, with at most one fd.
 #[derive(Debug)]
 pub struct Outgoing {
     pub line: Vec<u8>,
-    pub fd: Option<OwnedFd>,
+    pub fd: Option<SharedFd>,
 }
 
 impl Outgoing {
     /// Serialises `value` as one line. `serde_json` never emits a raw newline, so the
     /// framing cannot break.
-    pub fn json(value: &Value, fd: Option<OwnedFd>) -> Outgoing {
+    pub fn json(value: &Value, fd: Option<SharedFd>) -> Outgoing {
         let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
         line.push(b'\n');
         Outgoing { line, fd }
@@ -187,6 +191,8 @@ async fn run<E>(
     wrap: &impl Fn(Incoming) -> E,
 ) -> Option<Violation> {
     let mut decoder = Decoder::default();
+    // One read buffer for the channel's life.
+    let mut buf = vec![0u8; 64 * 1024];
     let mut queue: VecDeque<Outgoing> = VecDeque::new();
     // Bytes of the queue's front line already written.
     let mut written = 0usize;
@@ -221,14 +227,20 @@ async fn run<E>(
             }
             guard = fd.readable() => {
                 let Ok(mut guard) = guard else { return Some(Violation::Io(io::Error::other("poll failed"))) };
-                match read_some(fd.get_ref().as_raw_fd()) {
+                match read_some(fd.get_ref().as_raw_fd(), &mut buf) {
                     Ok(Read::WouldBlock) => guard.clear_ready(),
                     Ok(Read::Eof) => return None,
-                    Ok(Read::Data(bytes, fds)) => {
+                    Ok(Read::Data(n, fds)) => {
+                        // A short read took everything there was; whatever comes later
+                        // raises a new readiness edge. Saves one recvmsg that would only
+                        // say EAGAIN.
+                        if n < buf.len() {
+                            guard.clear_ready();
+                        }
                         if let Err(v) = decoder.push_fds(fds) {
                             return Some(v);
                         }
-                        match decoder.push_bytes(&bytes) {
+                        match decoder.push_bytes(&buf[..n]) {
                             Ok(msgs) => {
                                 for (value, fd) in msgs {
                                     if events.send(wrap(Incoming::Message(value, fd))).await.is_err() {
@@ -248,14 +260,14 @@ async fn run<E>(
 }
 
 enum Read {
-    Data(Vec<u8>, Vec<OwnedFd>),
+    /// This many bytes into the buffer, and the fds that came with them.
+    Data(usize, Vec<OwnedFd>),
     Eof,
     WouldBlock,
 }
 
-fn read_some(fd: RawFd) -> io::Result<Read> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut iov = [IoSliceMut::new(&mut buf)];
+fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
+    let mut iov = [IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     let (n, fds) = loop {
         match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
@@ -281,8 +293,7 @@ fn read_some(fd: RawFd) -> io::Result<Read> {
     if n == 0 && fds.is_empty() {
         return Ok(Read::Eof);
     }
-    buf.truncate(n);
-    Ok(Read::Data(buf, fds))
+    Ok(Read::Data(n, fds))
 }
 
 /// Writes as much of the queue as the socket takes. The fd rides on the first `sendmsg` of
@@ -409,7 +420,7 @@ mod tests {
         let (x, _y) = pair().unwrap();
         assert!(sender.send(Outgoing::json(
             &json!({"cmd":"NODE_HANDLE","type":"net.Native","msg":{"n":1}}),
-            Some(x)
+            Some(std::sync::Arc::new(x))
         )));
         match wevents.recv().await.unwrap() {
             Incoming::Message(v, fd) => {

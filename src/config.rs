@@ -845,6 +845,10 @@ pub fn parse_str(text: &str, origin: &str, base: Option<&Path>) -> Result<Config
         };
         let app = parse_app(origin, &path, name, t, base)?;
         for (i, addr) in app.listen.iter().enumerate() {
+            // Port 0 asks the OS for a free port: two of those never collide.
+            if matches!(addr, ListenAddr::Tcp(a) if a.port() == 0) {
+                continue;
+            }
             if let Some(other) = apps.iter().find(|a: &&AppSpec| a.listen.contains(addr)) {
                 let field = if app.listen.len() > 1 {
                     format!("{path}.listen[{i}]")

@@ -36,12 +36,14 @@ struct Line {
 #[derive(Clone)]
 pub struct Sink {
     tx: SyncSender<Line>,
+    runtime: tokio::runtime::Handle,
     dropped_total: Arc<AtomicU64>,
 }
 
 impl Sink {
     /// Starts the writer thread.
-    pub fn start() -> Sink {
+    /// Starts the writer thread; readers run on `runtime`.
+    pub fn start(runtime: tokio::runtime::Handle) -> Sink {
         let (tx, rx) = sync_channel::<Line>(QUEUE_LINES);
         std::thread::Builder::new()
             .name("processes-output".into())
@@ -68,6 +70,7 @@ impl Sink {
             .expect("cannot start the output thread");
         Sink {
             tx,
+            runtime,
             dropped_total: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -80,7 +83,7 @@ impl Sink {
     /// Forwards one worker stream until it closes.
     pub fn forward(&self, prefix: String, stream: Stream, fd: OwnedFd) {
         let sink = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
                 return;
             };

@@ -104,14 +104,14 @@ struct ListenerEntry {
 }
 
 struct Queued {
-    fd: OwnedFd,
+    fd: crate::channel::SharedFd,
     permit: OwnedSemaphorePermit,
 }
 
 /// A handle sent and not yet acknowledged.
 struct HandleInFlight {
     value: Value,
-    fd: OwnedFd,
+    fd: crate::channel::SharedFd,
     retries: u32,
 }
 
@@ -120,7 +120,7 @@ struct ConnInFlight {
     listener: usize,
     /// For cluster `newconn`: the `seq` whose reply says accepted or not.
     seq: Option<u64>,
-    fd: OwnedFd,
+    fd: crate::channel::SharedFd,
     permit: OwnedSemaphorePermit,
     acked: bool,
 }
@@ -142,7 +142,7 @@ struct WorkerIo {
     said_ready: bool,
     /// Node's rule: while a handle is unacknowledged, every later message waits.
     awaiting_ack: Option<HandleInFlight>,
-    held: VecDeque<(Value, Option<OwnedFd>)>,
+    held: VecDeque<(Value, Option<crate::channel::SharedFd>)>,
     conn: Option<ConnInFlight>,
     passed: u64,
     /// Connections given to it, counted from the level it joined at (see `dispatch`).
@@ -175,6 +175,8 @@ struct Master {
     preload: Option<sampling::PreloadFile>,
     /// Whether systemd (or whoever set `NOTIFY_SOCKET`) has been told `READY=1`.
     notified_ready: bool,
+    /// Something changed that the pools' plans must see; the loop plans again.
+    dirty: bool,
     /// Clients waiting for reloads to finish.
     reload_waiters: Vec<status::ReloadWaiter>,
     /// Endpoint registration in etcd, when `--registry` is on.
@@ -267,16 +269,28 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
         None => None,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Everything the loop talks to — accept loops, worker channels, the control socket —
+    // runs on the loop's own thread: a connection goes from accept to the worker's channel
+    // without a single cross-thread wake-up. Worker output, which a flood can make heavy,
+    // is read on a runtime of its own so that it never competes with the loop.
+    let output_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_io()
+        .thread_name("processes-output")
+        .build()
+        .map_err(|source| StartError::Setup {
+            what: "the output runtime",
+            source,
+        })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("processes-io")
         .build()
         .map_err(|source| StartError::Setup {
             what: "the async runtime",
             source,
         })?;
-    runtime.block_on(async move {
+    let output_handle = output_runtime.handle().clone();
+    let result = runtime.block_on(async move {
         let control_path = opts
             .control
             .clone()
@@ -298,7 +312,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             next_id: 0,
             events: events_tx.clone(),
             notify_env: notify.env_value.clone(),
-            output: Sink::start(),
+            output: Sink::start(output_handle),
             base_env,
             rng: seed(),
             shutdown: None,
@@ -314,6 +328,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
             reload_waiters: Vec::new(),
+            dirty: true,
             registry: None,
             registry_seen: Vec::new(),
             advertise: String::new(),
@@ -361,7 +376,10 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
         }
         let _ = std::fs::remove_file(&control_path);
         Ok(code)
-    })
+    });
+    drop(runtime);
+    output_runtime.shutdown_background();
+    result
 }
 
 fn seed() -> u64 {
@@ -406,15 +424,21 @@ impl Master {
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        let mut deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            self.step(now);
-            self.notify_ready_once();
-            self.update_registry();
-            if let Some(code) = self.finished() {
-                return code;
+            // Planning runs when something changed or a deadline came; the hot path —
+            // a connection accepted, acknowledged, taken — changes no plan and skips it.
+            if self.dirty || deadline.is_some_and(|d| d <= now) {
+                self.dirty = false;
+                self.step(now);
+                self.notify_ready_once();
+                self.update_registry();
+                if let Some(code) = self.finished() {
+                    return code;
+                }
+                deadline = self.next_deadline();
             }
-            let deadline = self.next_deadline();
             let sleep = tokio::time::sleep_until(
                 deadline
                     .map(tokio::time::Instant::from_std)
@@ -422,12 +446,12 @@ impl Master {
             );
             tokio::select! {
                 biased;
-                _ = sigchld.recv() => self.on_sigchld(),
-                _ = sigterm.recv() => self.on_stop_signal("SIGTERM"),
-                _ = sigint.recv() => self.on_stop_signal("SIGINT"),
-                _ = sighup.recv() => self.on_sighup(),
-                _ = sigttin.recv() => self.scale_by_hand(1),
-                _ = sigttou.recv() => self.scale_by_hand(-1),
+                _ = sigchld.recv() => { self.dirty = true; self.on_sigchld() }
+                _ = sigterm.recv() => { self.dirty = true; self.on_stop_signal("SIGTERM") }
+                _ = sigint.recv() => { self.dirty = true; self.on_stop_signal("SIGINT") }
+                _ = sighup.recv() => { self.dirty = true; self.on_sighup() }
+                _ = sigttin.recv() => { self.dirty = true; self.scale_by_hand(1) }
+                _ = sigttou.recv() => { self.dirty = true; self.scale_by_hand(-1) }
                 Some(ev) = events.recv() => {
                     self.on_event(ev);
                     // Drain what is already queued before planning again.
@@ -438,11 +462,11 @@ impl Master {
                         }
                     }
                 }
-                _ = tick.tick() => self.on_tick(Instant::now()),
+                _ = tick.tick() => { self.dirty = true; self.on_tick(Instant::now()) }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let _ = crate::notify::notify_parent("WATCHDOG=1");
                 }
-                _ = sleep => {}
+                _ = sleep => self.dirty = true,
             }
         }
     }
@@ -1203,14 +1227,27 @@ impl Master {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
+            // Messages that change state mark the loop dirty themselves (`on_message`).
             Event::Channel(id, Incoming::Message(value, fd)) => self.on_message(id, value, fd),
-            Event::Channel(id, Incoming::Closed(reason)) => self.on_channel_closed(id, reason),
-            Event::Notify(pid, notice) => self.on_notify(pid, notice),
+            Event::Channel(id, Incoming::Closed(reason)) => {
+                self.dirty = true;
+                self.on_channel_closed(id, reason)
+            }
+            Event::Notify(pid, notice) => {
+                self.dirty = true;
+                self.on_notify(pid, notice)
+            }
             Event::Accepted(l, fd, permit) => {
-                self.listeners[l].queue.push_back(Queued { fd, permit });
+                self.listeners[l].queue.push_back(Queued {
+                    fd: std::sync::Arc::new(fd),
+                    permit,
+                });
                 self.dispatch(l);
             }
-            Event::Control(req, responder) => self.on_control(req, responder),
+            Event::Control(req, responder) => {
+                self.dirty = true;
+                self.on_control(req, responder)
+            }
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::channel::SharedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,17 @@ impl Master {
         let Some(io) = self.io.get(&id) else { return };
         let app = io.app;
         let msg = node::classify(&value);
+        // Acknowledgements, replies and load reports are the hot path and change no plan.
+        if !matches!(
+            msg,
+            FromWorker::HandleAck
+                | FromWorker::HandleNack
+                | FromWorker::Reply { .. }
+                | FromWorker::Metrics(_)
+                | FromWorker::Pong { .. }
+        ) {
+            self.dirty = true;
+        }
         match msg {
             FromWorker::HandleAck => self.on_handle_ack(id),
             FromWorker::HandleNack => self.on_handle_nack(id),
@@ -73,7 +86,7 @@ impl Master {
 
     /// Sends a message (with a handle if `fd`), keeping Node's rule that nothing overtakes
     /// an unacknowledged handle. ACKs are exempt: they are never held.
-    pub(super) fn send_raw(&mut self, id: WorkerId, value: Value, fd: Option<OwnedFd>) {
+    pub(super) fn send_raw(&mut self, id: WorkerId, value: Value, fd: Option<SharedFd>) {
         let Some(io) = self.io.get_mut(&id) else {
             return;
         };
@@ -85,8 +98,7 @@ impl Master {
         }
         match fd {
             Some(fd) => {
-                let Ok(copy) = fd.try_clone() else { return };
-                ch.send(Outgoing::json(&value, Some(copy)));
+                ch.send(Outgoing::json(&value, Some(fd.clone())));
                 io.awaiting_ack = Some(HandleInFlight {
                     value,
                     fd,
@@ -148,8 +160,8 @@ impl Master {
         }
         // Node wraps a retransmission in a second envelope; workers unwrap it.
         let again = serde_json::json!({"cmd": "NODE_HANDLE", "type": "net.Native", "msg": h.value});
-        if let (Ok(copy), Some(ch)) = (h.fd.try_clone(), io.channel.as_ref()) {
-            ch.send(Outgoing::json(&again, Some(copy)));
+        if let Some(ch) = io.channel.as_ref() {
+            ch.send(Outgoing::json(&again, Some(h.fd.clone())));
         }
     }
 
@@ -238,7 +250,7 @@ impl Master {
             self.send_raw(
                 id,
                 node::reply_shared(q.seq, seq, &key, &data, udp),
-                Some(fd),
+                Some(Arc::new(fd)),
             );
         }
     }
@@ -388,7 +400,7 @@ impl Master {
                 None,
             )
         };
-        let Ok(copy) = q.fd.try_clone() else { return };
+        let copy = q.fd.clone();
         io.conn = Some(ConnInFlight {
             listener: l,
             seq,
