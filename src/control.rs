@@ -147,9 +147,14 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError>
         what: "the control socket",
         source,
     };
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
         std::fs::create_dir_all(dir).map_err(setup)?;
-        // Only we may even look inside.
+        // A directory we made: only we may even look inside. One that existed (`--control
+        // /tmp/x.sock`) keeps its permissions; the socket's own 0600 and the uid check
+        // still hold.
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     if path.exists() {

@@ -4,6 +4,7 @@
 mod autoscale;
 mod common;
 mod config_errors;
+mod deploy;
 mod etcd;
 mod metrics;
 mod node;
