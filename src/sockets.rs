@@ -150,12 +150,10 @@ pub fn accept_backlog(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
     (rc == 0).then_some((info.tcpi_unacked, info.tcpi_sacked))
 }
 
-/// Listening sockets handed to the master by its own supervisor (systemd socket
-/// activation: `LISTEN_FDS` fds from 3, for this pid per `LISTEN_PID`), with their
-/// addresses. They are made close-on-exec so that they reach workers only the way the
-/// master decides.
-pub fn inherited_from_systemd() -> Vec<(OwnedFd, ListenAddr)> {
-    use std::os::fd::FromRawFd;
+/// How many sockets systemd's socket-activation protocol passed to this process: the
+/// `LISTEN_FDS` count when `LISTEN_PID` is our pid, else 0. (Shared by the master, which
+/// takes its own listeners this way, and `worker::listen_fds`, which workers call.)
+pub fn listen_fds_for_us() -> i32 {
     let for_us = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
@@ -164,9 +162,20 @@ pub fn inherited_from_systemd() -> Vec<(OwnedFd, ListenAddr)> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    if !for_us || !(1..=256).contains(&n) {
-        return Vec::new();
+    if for_us && (1..=256).contains(&n) {
+        n
+    } else {
+        0
     }
+}
+
+/// Listening sockets handed to the master by its own supervisor (systemd socket
+/// activation: `LISTEN_FDS` fds from 3, for this pid per `LISTEN_PID`), with their
+/// addresses. They are made close-on-exec so that they reach workers only the way the
+/// master decides.
+pub fn inherited_from_systemd() -> Vec<(OwnedFd, ListenAddr)> {
+    use std::os::fd::FromRawFd;
+    let n = listen_fds_for_us();
     let mut out = Vec::new();
     for raw in 3..3 + n {
         // Only an open socket is taken: an fd that is not open, or not a socket, was never

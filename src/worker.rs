@@ -37,18 +37,7 @@ pub fn app() -> Option<String> {
 /// Takes the inherited listening sockets (fds 3, 4, … per `LISTEN_FDS`), if they are meant
 /// for this process (`LISTEN_PID`). Call it once.
 pub fn listen_fds() -> Vec<OwnedFd> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
-    let n: RawFd = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    if !pid_ok {
-        return Vec::new();
-    }
-    (0..n)
+    (0..crate::sockets::listen_fds_for_us())
         .map(|i| {
             // SAFETY: the master placed exactly LISTEN_FDS open sockets at 3.. for this pid,
             // and this function hands each out once.
