@@ -231,10 +231,12 @@ async fn run<E>(
                     Ok(Read::WouldBlock) => guard.clear_ready(),
                     Ok(Read::Eof) => return None,
                     Ok(Read::Data(n, fds)) => {
-                        // A short read took everything there was; whatever comes later
-                        // raises a new readiness edge. Saves one recvmsg that would only
-                        // say EAGAIN.
-                        if n < buf.len() {
+                        // A short read without fds took everything there was; whatever
+                        // comes later raises a new readiness edge. Saves one recvmsg that
+                        // would only say EAGAIN. A read that carried fds may have stopped
+                        // early (the kernel ends a read at each message with fds), so the
+                        // socket is read again.
+                        if n < buf.len() && fds.is_empty() {
                             guard.clear_ready();
                         }
                         if let Err(v) = decoder.push_fds(fds) {

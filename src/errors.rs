@@ -22,11 +22,28 @@ pub struct ConfigError {
 impl ConfigError {
     pub fn new(origin: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
-            origin: origin.to_string(),
-            path: path.into(),
-            message: message.into(),
+            origin: one_line(origin),
+            path: one_line(&path.into()),
+            message: one_line(&message.into()),
         }
     }
+}
+
+/// Control characters from user input (a newline in a value, a terminal escape) are
+/// shown escaped, so that an error stays one line and cannot drive the terminal.
+fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Failures while the master is starting up (after the configuration parsed).

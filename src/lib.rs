@@ -28,6 +28,7 @@ pub mod notify;
 pub mod output;
 pub mod pool;
 pub mod probes;
+pub mod reaper;
 pub mod registry;
 pub mod sampler;
 pub mod sockets;

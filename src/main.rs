@@ -11,6 +11,7 @@ use processes::master::{self, error_chain};
 fn main() -> ExitCode {
     // Before anything opens a file: fds 3.. may be systemd's sockets for us.
     let inherited = processes::sockets::inherited_from_systemd();
+    processes::unix::cloexec_inherited_fds();
     let cli = Cli::parse();
     init_logging();
     match cli.command {
@@ -19,12 +20,23 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
+            // Still single-threaded here, as the reaper's fork needs.
+            let reaper = match processes::reaper::Reaper::start() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!(
+                        "processes: warning: cannot start the reaper ({e}); if the master is killed, children of workers may outlive it"
+                    );
+                    None
+                }
+            };
             let name = args.master_name(&config);
             let opts = master::Options {
                 config,
                 name,
                 control: args.control.clone(),
                 inherited,
+                reaper,
             };
             match master::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -56,7 +56,14 @@ pub enum StopReason {
     Restart,
     /// Its RSS passed the app's memory limit.
     Memory,
+    /// Its channel to the master is gone while it still runs: it can take no more
+    /// connections. It is replaced with backoff, like a crash.
+    ChannelLost,
 }
+
+/// How long a worker whose channel closed may take to exit by itself (it usually is
+/// exiting) before it counts as broken and is stopped.
+pub const CHANNEL_LOST_GRACE: Duration = Duration::from_millis(500);
 
 impl StopReason {
     pub fn as_str(&self) -> &'static str {
@@ -67,6 +74,7 @@ impl StopReason {
             StopReason::ReloadFailed => "reload_failed",
             StopReason::Restart => "restart",
             StopReason::Memory => "memory",
+            StopReason::ChannelLost => "channel_lost",
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct Worker {
     /// A Node worker that has asked for a listening handle but not yet said `listening`:
     /// the `ready_after` timer must not declare it ready early.
     pub listen_pending: bool,
+    /// When its channel closed while it still needed it (pass mode, Node).
+    pub channel_lost: Option<Instant>,
 }
 
 impl Worker {
@@ -252,6 +262,19 @@ impl Pool {
                 && w.uptime(now) >= self.spec.ready_after
             {
                 actions.push(Action::MarkReady { worker: w.id });
+            }
+        }
+
+        // Workers that lost their channel and did not exit by themselves.
+        for w in self.workers.values() {
+            if w.stopping.is_none()
+                && w.channel_lost
+                    .is_some_and(|t| now >= t + CHANNEL_LOST_GRACE)
+            {
+                actions.push(Action::Stop {
+                    worker: w.id,
+                    reason: StopReason::ChannelLost,
+                });
             }
         }
 
@@ -462,6 +485,7 @@ impl Pool {
                 generation,
                 busy: None,
                 listen_pending: false,
+                channel_lost: None,
             },
         );
     }
@@ -551,7 +575,7 @@ impl Pool {
         };
         w.state = WorkerState::Draining;
         w.stopping = Some(stopping);
-        let slot = w.slot;
+        let (slot, started) = (w.slot, w.started);
         if let Some(s) = self.slots.get_mut(&slot) {
             if s.current == Some(id) {
                 s.current = None;
@@ -567,6 +591,20 @@ impl Pool {
             } else if matches!(stopping.reason, StopReason::Restart | StopReason::Memory) {
                 // Refilled at once by the next plan, without backoff.
                 s.restart_at = None;
+            } else if stopping.reason == StopReason::ChannelLost {
+                // A broken worker: its slot backs off as after a crash, so a worker that
+                // drops its channel at every start does not spin.
+                let (params, policy) = (self.spec.backoff, self.spec.restart);
+                let uptime = stopping.since.saturating_duration_since(started);
+                let r = s.backoff.on_unasked_exit(
+                    &params,
+                    policy,
+                    ExitKind::Code(-1),
+                    uptime,
+                    stopping.since,
+                    0.75,
+                );
+                apply_restart(s, r, ExitKind::Code(-1), stopping.since);
             }
         }
         self.remove_surplus_empty_slots();
@@ -653,6 +691,11 @@ impl Pool {
         for w in self.workers.values() {
             if w.state == WorkerState::Starting && !w.listen_pending {
                 consider(w.started + self.spec.ready_after);
+            }
+            if w.stopping.is_none()
+                && let Some(t) = w.channel_lost
+            {
+                consider(t + CHANNEL_LOST_GRACE);
             }
             if let Some(st) = w.stopping
                 && !st.killed

@@ -81,3 +81,25 @@ pub fn async_fd(
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(io::Error::from)
 }
+
+/// Marks every fd above stderr close-on-exec, so that what the master's own parent left
+/// open (a terminal's extra fds, a build tool's pipes) never reaches a worker: workers get
+/// exactly the fds the master places for them. Called first thing in `main`, after the
+/// systemd sockets were taken (those are made close-on-exec there too).
+pub fn cloexec_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // read_dir's own fd is closed by now; F_SETFD on it just fails with EBADF.
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}

@@ -45,6 +45,9 @@ mod status;
 /// Connections a listener may hold accepted-but-not-yet-passed before the master stops
 /// accepting and lets the kernel's backlog queue the rest.
 pub const MAX_QUEUED_PER_LISTENER: usize = 256;
+/// Listeners the workers of one app may have the master bind on request (Node's
+/// `listen()` on ports the config does not name).
+pub const MAX_REQUESTED_LISTENERS: usize = 64;
 /// How many times a handle is resent after `NODE_HANDLE_NACK` (Node's own limit).
 const MAX_HANDLE_RETRANSMISSIONS: u32 = 3;
 /// The worker's end of its channel sits after the inherited listeners; this is announced
@@ -74,6 +77,8 @@ pub struct Options {
     /// Listening sockets from systemd socket activation, taken first thing in `main`
     /// ([`sockets::inherited_from_systemd`]).
     pub inherited: Vec<(OwnedFd, ListenAddr)>,
+    /// Kills the workers' process groups if the master dies without stopping them.
+    pub reaper: Option<crate::reaper::Reaper>,
 }
 
 /// Everything that can wake the loop, besides signals and timers.
@@ -177,6 +182,8 @@ struct Master {
     notified_ready: bool,
     /// Something changed that the pools' plans must see; the loop plans again.
     dirty: bool,
+    /// Knows every worker's process group, to kill them if the master dies.
+    reaper: Option<crate::reaper::Reaper>,
     /// Clients waiting for reloads to finish.
     reload_waiters: Vec<status::ReloadWaiter>,
     /// Endpoint registration in etcd, when `--registry` is on.
@@ -199,9 +206,11 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
         // One app and no addresses of its own: the sockets systemd passed are its.
         config.apps[0].listen = inherited.iter().map(|(_, a)| a.clone()).collect();
     }
+    let reaper = opts.reaper;
     let opts = Options {
         config,
         inherited: Vec::new(),
+        reaper: None,
         ..opts
     };
     let mut listeners = Vec::new();
@@ -328,6 +337,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
             preload: None,
             reload_waiters: Vec::new(),
+            reaper,
             dirty: true,
             registry: None,
             registry_seen: Vec::new(),
@@ -583,6 +593,9 @@ impl Master {
                     record::replacement(spec.name.as_str(), reason);
                 }
                 self.pools[app].on_spawned(slot, incoming, id, pid, now);
+                if let Some(r) = self.reaper.as_mut() {
+                    r.watch(pid);
+                }
                 probes::worker_spawn_with(spec.name.as_str(), slot, pid, || spec.command.join(" "));
                 self.pids.insert(pid, (app, id));
                 self.io.insert(
@@ -889,6 +902,9 @@ impl Master {
     fn on_worker_exit(&mut self, app: usize, id: WorkerId, pid: i32, exit: ExitKind, now: Instant) {
         // Whatever the worker forked dies with it.
         let _ = unix::signal_group(pid, Signal::SIGKILL);
+        if let Some(r) = self.reaper.as_mut() {
+            r.forget(pid);
+        }
         if let Some(io) = self.io.remove(&id) {
             self.requeue_in_flight(io);
         }
@@ -1291,12 +1307,26 @@ impl Master {
             });
         }
         // A draining Node worker that closed its channel has closed its servers.
-        if let Some(w) = self.pools[app].workers.get_mut(&id)
-            && let Some(st) = w.stopping.as_mut()
-            && !st.termed
-        {
-            let _ = unix::signal_group(w.pid, Signal::SIGTERM);
-            st.termed = true;
+        let needs_channel =
+            self.pools[app].spec.dispatch().passes() || self.pools[app].spec.is_node();
+        if let Some(w) = self.pools[app].workers.get_mut(&id) {
+            match w.stopping.as_mut() {
+                Some(st) if !st.termed => {
+                    let _ = unix::signal_group(w.pid, Signal::SIGTERM);
+                    st.termed = true;
+                }
+                Some(_) => {}
+                // A worker that needs its channel (connections come over it) and lost it
+                // is useless: unless it exits by itself in a moment (it usually is
+                // exiting), the plan replaces it.
+                None if needs_channel => {
+                    if reason.is_none() {
+                        info!("[{name}:{slot}] pid {pid} closed its channel");
+                    }
+                    w.channel_lost = Some(Instant::now());
+                }
+                None => {}
+            }
         }
         self.dispatch_app(app);
     }

@@ -36,9 +36,15 @@ impl Master {
             FromWorker::HandleAck => self.on_handle_ack(id),
             FromWorker::HandleNack => self.on_handle_nack(id),
             FromWorker::Handle { .. } => {
-                // We have no use for handles a worker sends, but it waits for our ACK.
+                // We have no use for handles a worker sends, but it waits for our answer:
+                // an ACK when the fd came, a NACK (as Node would) when it did not.
+                let answer = if fd.is_some() {
+                    node::handle_ack()
+                } else {
+                    serde_json::json!({"cmd": "NODE_HANDLE_NACK"})
+                };
                 drop(fd);
-                self.send_raw(id, node::handle_ack(), None);
+                self.send_raw(id, answer, None);
             }
             FromWorker::Online { .. } => {
                 if let Some(io) = self.io.get_mut(&id) {
@@ -190,6 +196,17 @@ impl Master {
         let Some(io) = self.io.get(&id) else { return };
         let app = io.app;
         let key = q.key();
+        if !self.pools[app].spec.is_node() {
+            // Only Node workers speak the cluster protocol; anyone else asking for
+            // listeners is refused (the app's listeners come from its config).
+            warn!(
+                "{}: a worker that is not a Node cluster worker asked for a listener; refused",
+                self.pools[app].spec.name
+            );
+            crate::metrics::violation(self.pools[app].spec.name.as_str(), "query_server");
+            self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, libc::EACCES));
+            return;
+        }
         let l = match self.listener_for(app, &q, &key) {
             Ok(l) => l,
             Err(errno) => {
@@ -278,6 +295,21 @@ impl Master {
         {
             self.listeners[i].keys.insert(key.to_string());
             return Ok(i);
+        }
+        // Each key asked for costs an fd and an accept task for the master's life (it
+        // stays bound across restarts); a worker asking for ever more is capped.
+        let asked = self
+            .listeners
+            .iter()
+            .filter(|l| l.app == app && !l.configured)
+            .count();
+        if asked >= MAX_REQUESTED_LISTENERS {
+            warn!(
+                "{}: workers asked for more than {MAX_REQUESTED_LISTENERS} listeners; refusing more",
+                self.pools[app].spec.name
+            );
+            crate::metrics::violation(self.pools[app].spec.name.as_str(), "too_many_listeners");
+            return Err(libc::EMFILE);
         }
         let (fd, local, udp) =
             bind_for_node(q).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
