@@ -573,9 +573,10 @@ impl Master {
                 let prefix = format!("[{}:{}]", spec.name, slot);
                 self.output.forward(prefix.clone(), Stream::Stdout, stdout);
                 self.output.forward(prefix, Stream::Stderr, stderr);
-                let channel = master_end.and_then(|fd| {
-                    channel::start(fd, self.events.clone(), move |inc| Event::Channel(id, inc)).ok()
-                });
+                let channel = channel::start(master_end, self.events.clone(), move |inc| {
+                    Event::Channel(id, inc)
+                })
+                .ok();
                 // A new worker starts level with the least-served of its app, so that
                 // round-robin does not send it everything until it has "caught up".
                 let served = self.pools[app]
@@ -654,14 +655,13 @@ impl Master {
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn fork(
         &mut self,
         app: usize,
         spec: &AppSpec,
         slot: u32,
         id: WorkerId,
-    ) -> Result<(i32, Option<OwnedFd>, OwnedFd, OwnedFd), crate::errors::SpawnError> {
+    ) -> Result<(i32, OwnedFd, OwnedFd, OwnedFd), crate::errors::SpawnError> {
         let inherited: Vec<&ListenerEntry> = self
             .listeners
             .iter()
@@ -740,12 +740,7 @@ impl Master {
         }
         // Our copy of the worker's end must go, or we would never see EOF when it exits.
         drop(worker_end);
-        Ok((
-            spawned.pid,
-            Some(master_end),
-            spawned.stdout,
-            spawned.stderr,
-        ))
+        Ok((spawned.pid, master_end, spawned.stdout, spawned.stderr))
     }
 
     fn stop_worker(&mut self, app: usize, id: WorkerId, reason: StopReason, now: Instant) {
