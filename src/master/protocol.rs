@@ -209,12 +209,10 @@ impl Master {
         }
         let l = match self.listener_for(app, &q, &key) {
             Ok(l) => l,
-            Err(errno) => {
+            Err((errno, why)) => {
                 warn!(
-                    "{}: cannot listen for a worker on port {}: {}",
-                    self.pools[app].spec.name,
-                    q.port,
-                    std::io::Error::from_raw_os_error(errno)
+                    "{}: cannot listen for a worker on port {}: {why}",
+                    self.pools[app].spec.name, q.port,
                 );
                 self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, errno));
                 return;
@@ -272,13 +270,14 @@ impl Master {
         }
     }
 
-    /// Finds or binds the listener a `queryServer` asks for. Errors are errno values.
+    /// Finds or binds the listener a `queryServer` asks for. An error is the errno for the
+    /// worker and why, for the log.
     pub(super) fn listener_for(
         &mut self,
         app: usize,
         q: &node::QueryServer,
         key: &str,
-    ) -> Result<usize, i32> {
+    ) -> Result<usize, (i32, String)> {
         if let Some(i) = self
             .listeners
             .iter()
@@ -304,15 +303,17 @@ impl Master {
             .filter(|l| l.app == app && !l.configured)
             .count();
         if asked >= MAX_REQUESTED_LISTENERS {
-            warn!(
-                "{}: workers asked for more than {MAX_REQUESTED_LISTENERS} listeners; refusing more",
-                self.pools[app].spec.name
-            );
             crate::metrics::violation(self.pools[app].spec.name.as_str(), "too_many_listeners");
-            return Err(libc::EMFILE);
+            return Err((
+                libc::EMFILE,
+                format!(
+                    "its workers already asked for {MAX_REQUESTED_LISTENERS} listeners, the most \
+                     an app may (refused with EMFILE)"
+                ),
+            ));
         }
-        let (fd, local, udp) =
-            bind_for_node(q).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+        let (fd, local, udp) = bind_for_node(q)
+            .map_err(|e| (e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))?;
         let passing = self.pools[app].spec.dispatch().passes();
         let mut keys = BTreeSet::new();
         keys.insert(key.to_string());

@@ -618,6 +618,36 @@ fn a_plain_child_receives_connections_as_messages() {
     assert_eq!(passed_by_pid(&m.status().unwrap()), counts);
 }
 
+/// A Node worker that asks for ever more listeners (70 `listen(0)`, each a new listener
+/// the master binds for it) gets 64; the rest fail in the worker with `EMFILE`, the master
+/// logs and counts the refusal, and its fds stay bounded.
+#[test]
+fn a_node_worker_gets_at_most_64_listeners_on_request() {
+    let m = run(&[
+        "-i",
+        "1",
+        "--ready-after",
+        "20s",
+        "--",
+        "node",
+        &app("many_listeners.js"),
+    ]);
+    let line = wait_line(&m, "the worker's count of listeners", |l| {
+        l.contains("LISTENERS ok=")
+    });
+    assert!(
+        line.ends_with("LISTENERS ok=64 failed=6 codes=EMFILE"),
+        "{line}"
+    );
+    m.wait_log("its workers already asked for 64 listeners, the most an app may");
+    // Each listener is 2 fds (the master's and its accept task's), plus the master's own
+    // (control socket, channel, /proc files): bounded, whatever the worker asks.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!((128..180).contains(&fds), "the master holds {fds} fds");
+}
+
 /// Starts 3 `stuck.js` workers under `--dispatch least-loaded`, wedges slot 0 in a busy
 /// loop, and waits until the master can know: its status shows the worker busy (where it
 /// reports a busy fraction). Returns the master, the port and the stuck pid.
