@@ -65,7 +65,8 @@ for s in "${SETUPS[@]}"; do
   case " ${ALL_SETUPS[*]} " in *" $s "*) ;; *) echo "http.sh: unknown setup: $s" >&2; exit 2 ;; esac
 done
 
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=benches/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # ---------------------------------------------------------------- tools
 need=()
@@ -107,8 +108,6 @@ process.on('SIGTERM', () => {
   cluster.on('exit', () => { if (Object.keys(cluster.workers).length === 0) process.exit(0); });
 });
 EOF
-
-port_free() { [ -z "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
 
 wait_port_free() { # port timeout_s
   local i
@@ -216,7 +215,6 @@ ticks() { # sum of utime+stime (clock ticks) over the given pids
 }
 
 # ---------------------------------------------------------------- measuring
-cpu_busy() { awk '$1 == "cpu" { print $2 + $3 + $4; exit }' /proc/stat; } # user+nice+system ticks, all CPUs
 # results: lines "setup load rps p99_ms errors mgr_cpu workers_cpu wrk_cpu others_cpu noisy" in $TMP/results
 to_ms() { # wrk duration like 812.00us, 8.10ms, 1.02s
   awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) ; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'
@@ -372,16 +370,5 @@ echo
 log "saved to ${OUT#$ROOT/}"
 
 if [ "$WRITE" = 1 ]; then
-  MD="$ROOT/BENCHMARKS.md"
-  begin='<!-- benches/http.sh: begin -->'; end='<!-- benches/http.sh: end -->'
-  if grep -qF "$begin" "$MD" 2>/dev/null && grep -qF "$end" "$MD"; then
-    awk -v b="$begin" -v e="$end" -v f="$REPORT" '
-      $0 == b { print; while ((getline l < f) > 0) print l; skip = 1; next }
-      $0 == e { skip = 0 }
-      !skip { print }' "$MD" >"$TMP/BENCHMARKS.md"
-    cp "$TMP/BENCHMARKS.md" "$MD"
-    log "updated the generated block in BENCHMARKS.md"
-  else
-    log "BENCHMARKS.md has no '$begin' / '$end' block: not written"
-  fi
+  write_block "$ROOT/BENCHMARKS.md" benches/http.sh "$REPORT"
 fi

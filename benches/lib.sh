@@ -1,0 +1,25 @@
+# Helpers shared by the benchmark scripts (sourced by benches/http.sh and benches/autoscale.sh).
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+port_free() { [ -z "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
+
+# user+nice+system clock ticks of the whole machine, all CPUs
+cpu_busy() { awk '$1 == "cpu" { print $2 + $3 + $4; exit }' /proc/stat; }
+
+# write_block MARKDOWN NAME REPORT: replaces what lies between the lines
+# `<!-- NAME: begin -->` and `<!-- NAME: end -->` of MARKDOWN with the file REPORT.
+write_block() {
+  local md="$1" name="$2" report="$3"
+  local begin="<!-- $name: begin -->" end="<!-- $name: end -->"
+  if grep -qF "$begin" "$md" 2>/dev/null && grep -qF "$end" "$md"; then
+    awk -v b="$begin" -v e="$end" -v f="$report" '
+      $0 == b { print; while ((getline l < f) > 0) print l; skip = 1; next }
+      $0 == e { skip = 0 }
+      !skip { print }' "$md" >"$md.tmp.$$"
+    mv "$md.tmp.$$" "$md"
+    log "updated the generated block in $(basename "$md")"
+  else
+    log "$(basename "$md") has no '$begin' / '$end' block: not written"
+  fi
+}
