@@ -620,7 +620,7 @@ fn a_plain_child_receives_connections_as_messages() {
 
 /// A Node worker that asks for ever more listeners (70 `listen(0)`, each a new listener
 /// the master binds for it) gets 64; the rest fail in the worker with `EMFILE`, the master
-/// logs and counts the refusal, and its fds stay bounded.
+/// logs why, and its fds stay bounded.
 #[test]
 fn a_node_worker_gets_at_most_64_listeners_on_request() {
     let m = run(&[
