@@ -39,16 +39,24 @@ fn workers_run_as_nobody_on_a_port_only_root_can_bind() {
         return;
     }
     let port = free_low_port();
+    // The fixture must be reachable by nobody, wherever the checkout is (under /root, or a
+    // /tmp that is not world-traversable, it is not): a copy where everyone can reach.
+    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fixture = dir.path().join("processes-fixture");
+    std::fs::copy(FIXTURE, &fixture).unwrap();
     let m = run_config(
         &format!(
             r#"
             [apps.low]
-            command = ["{{fixture}}", "serve"]
+            command = ["{}", "serve"]
             instances = 2
             listen = "127.0.0.1:{port}"
             user = "nobody"
             ready_after = "50ms"
-            "#
+            "#,
+            fixture.display()
         ),
         &[],
     );
