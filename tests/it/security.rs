@@ -32,6 +32,15 @@ fn environ(pid: i32) -> Vec<String> {
         .collect()
 }
 
+/// A temporary directory that any user can enter (0755 under /var/tmp), for files a worker
+/// running as `nobody` must reach.
+fn dir_everyone_can_reach() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 #[test]
 fn workers_run_as_nobody_on_a_port_only_root_can_bind() {
     if !is_root() {
@@ -41,9 +50,7 @@ fn workers_run_as_nobody_on_a_port_only_root_can_bind() {
     let port = free_low_port();
     // The fixture must be reachable by nobody, wherever the checkout is (under /root, or a
     // /tmp that is not world-traversable, it is not): a copy where everyone can reach.
-    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = dir_everyone_can_reach();
     let fixture = dir.path().join("processes-fixture");
     std::fs::copy(FIXTURE, &fixture).unwrap();
     let m = run_config(
@@ -81,9 +88,8 @@ fn node_workers_as_nobody_still_get_the_preload() {
         return;
     }
     // The app must be readable by nobody: put it where everyone can reach.
-    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    let dir = dir_everyone_can_reach();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let app = dir.path().join("app.js");
     std::fs::write(
         &app,

@@ -31,23 +31,34 @@ impl Notifications {
         )
     }
 
+    /// Receives one datagram into `seen`, or nothing within the read timeout (200 ms).
+    fn recv_one(&mut self) {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = self.sock.recv(&mut buf) {
+            let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.seen.push((Instant::now(), s));
+        }
+    }
+
     /// Waits for a datagram containing `what`; returns it.
     fn wait(&mut self, what: &str) -> String {
-        if let Some((_, s)) = self.seen.iter().find(|(_, s)| s.contains(what)) {
-            return s.clone();
+        self.wait_count(what, 1, Duration::from_secs(30), "no notification");
+        let (_, s) = self.seen.iter().find(|(_, s)| s.contains(what)).unwrap();
+        s.clone()
+    }
+
+    /// Receives until `n` datagrams seen so far contain `what`; fails with `why` if that
+    /// takes longer than `within`.
+    fn wait_count(&mut self, what: &str, n: usize, within: Duration, why: &str) {
+        let deadline = Instant::now() + within;
+        while self.count(what) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{why}: {n} × {what:?} not seen within {within:?}; got {:?}",
+                self.seen
+            );
+            self.recv_one();
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let s = String::from_utf8_lossy(&buf[..n]).into_owned();
-                self.seen.push((Instant::now(), s.clone()));
-                if s.contains(what) {
-                    return s;
-                }
-            }
-        }
-        panic!("no notification with {what:?}; got {:?}", self.seen);
     }
 
     fn count(&self, what: &str) -> usize {
@@ -75,45 +86,25 @@ fn sd_notify_ready_reloading_watchdog_stopping() {
     let s = m.status().unwrap();
     assert_eq!(s["apps"][0]["ready"], 2);
     // Watchdog pings at half of WATCHDOG_USEC.
-    let first = n.wait("WATCHDOG=1");
-    let _ = first;
-    let t0 = Instant::now();
-    while n.count("WATCHDOG=1") < 3 {
-        n.wait("WATCHDOG=1");
-        let mut buf = [0u8; 4096];
-        if let Ok(k) = n.sock.recv(&mut buf) {
-            n.seen.push((
-                Instant::now(),
-                String::from_utf8_lossy(&buf[..k]).into_owned(),
-            ));
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "watchdog pings too slow: {:?}",
-            n.seen
-        );
-    }
+    n.wait("WATCHDOG=1");
+    n.wait_count(
+        "WATCHDOG=1",
+        3,
+        Duration::from_secs(5),
+        "watchdog pings too slow",
+    );
     // A reload is bracketed by RELOADING=1 and READY=1.
     let readies_before = n.count("READY=1");
     m.signal(libc::SIGHUP);
     let reloading = n.wait("RELOADING=1");
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     m.wait_log("reload done, 2/2");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while n.count("READY=1") <= readies_before {
-        let mut buf = [0u8; 4096];
-        if let Ok(k) = n.sock.recv(&mut buf) {
-            n.seen.push((
-                Instant::now(),
-                String::from_utf8_lossy(&buf[..k]).into_owned(),
-            ));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no READY=1 after the reload: {:?}",
-            n.seen
-        );
-    }
+    n.wait_count(
+        "READY=1",
+        readies_before + 1,
+        Duration::from_secs(10),
+        "no READY=1 after the reload",
+    );
     m.signal(libc::SIGTERM);
     n.wait("STOPPING=1");
     assert!(m.wait_exit(Duration::from_secs(10)).success());
