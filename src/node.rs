@@ -268,6 +268,11 @@ pub fn handle_ack() -> Value {
     json!({"cmd": "NODE_HANDLE_ACK"})
 }
 
+/// The refusal of a handle: a `NODE_HANDLE` that came without its fd.
+pub fn handle_nack() -> Value {
+    json!({"cmd": "NODE_HANDLE_NACK"})
+}
+
 /// A ping for our preload; the `NODE_` prefix keeps it from the app's `'message'`
 /// listeners.
 pub fn ping(id: u64) -> Value {

@@ -139,10 +139,10 @@ impl Channel {
                 if v.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE") {
                     // Acknowledge at once, as Node does; without an fd, say so.
                     let Some(fd) = fd else {
-                        self.send(&serde_json::json!({"cmd": "NODE_HANDLE_NACK"}))?;
+                        self.send(&crate::node::handle_nack())?;
                         continue;
                     };
-                    self.send(&serde_json::json!({"cmd": "NODE_HANDLE_ACK"}))?;
+                    self.send(&crate::node::handle_ack())?;
                     let mut meta = v.get("msg").cloned().unwrap_or(Value::Null);
                     // A retransmission is wrapped twice.
                     while meta.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE") {

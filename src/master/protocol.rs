@@ -41,7 +41,7 @@ impl Master {
                 let answer = if fd.is_some() {
                     node::handle_ack()
                 } else {
-                    serde_json::json!({"cmd": "NODE_HANDLE_NACK"})
+                    node::handle_nack()
                 };
                 drop(fd);
                 self.send_raw(id, answer, None);
