@@ -568,8 +568,9 @@ impl Pool {
     }
 
     /// Marks a worker as asked to stop and detaches it from its slot. Slots beyond the
-    /// target that are left empty are removed.
-    pub fn on_stop_sent(&mut self, id: WorkerId, stopping: Stopping) {
+    /// target that are left empty are removed. `jitter` (a uniform draw in `[0, 1)`)
+    /// spreads the restart of a slot that backs off because of this stop.
+    pub fn on_stop_sent(&mut self, id: WorkerId, stopping: Stopping, jitter: f64) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -602,7 +603,7 @@ impl Pool {
                     ExitKind::Code(-1),
                     uptime,
                     stopping.since,
-                    0.75,
+                    jitter,
                 );
                 apply_restart(s, r, ExitKind::Code(-1), stopping.since);
             }
@@ -788,6 +789,7 @@ mod tests {
                         termed: true,
                         killed: false,
                     },
+                    0.5,
                 ),
                 Action::MarkReady { worker } => {
                     if let Some((old, _)) = pool.on_ready(worker, now) {
@@ -800,6 +802,7 @@ mod tests {
                                 termed: true,
                                 killed: false,
                             },
+                            0.5,
                         );
                     }
                 }

@@ -765,6 +765,7 @@ impl Master {
         } else if let Err(e) = unix::signal_group(pid, Signal::SIGTERM) {
             warn!("[{name}:{slot}] cannot signal pid {pid}: {e}");
         }
+        let jitter = self.jitter();
         self.pools[app].on_stop_sent(
             id,
             Stopping {
@@ -774,6 +775,7 @@ impl Master {
                 termed: !graceful_node,
                 killed: false,
             },
+            jitter,
         );
         info!(
             "[{name}:{slot}] pid {pid} stopping ({}), {}",

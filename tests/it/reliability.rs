@@ -1377,7 +1377,8 @@ fn a_worker_whose_channel_is_gone_is_replaced_with_backoff() {
             "[apps.bad.backoff]\ninitial = \"400ms\"\nmax = \"2s\"",
         );
         let first = h.m.wait_log(why);
-        let stops = h.m.wait_logs("stopping (channel_lost)", 3);
+        // The fourth stop follows the fourth start, so the third gap is complete.
+        let stops = h.m.wait_logs("stopping (channel_lost)", 4);
         let starts: Vec<Instant> =
             h.m.out
                 .matching("[bad:0] pid")
@@ -1385,22 +1386,24 @@ fn a_worker_whose_channel_is_gone_is_replaced_with_backoff() {
                 .filter(|(_, l)| l.ends_with(" started"))
                 .map(|(t, _)| t)
                 .collect();
-        assert!(starts.len() >= 3, "{mode}: {}", h.m.out.text());
-        // The delay between a stop and the next start grows (backoff, not a spin).
+        assert!(starts.len() >= 4, "{mode}: {}", h.m.out.text());
+        // The delay between a stop and the next start grows (backoff, not a spin). Each
+        // delay is jittered into [0.5, 1.0] of its nominal 400 ms, 800 ms, 1.6 s, so only
+        // the first and the third are certain to be apart.
         let gap = |k: usize| {
             let stop = stops[k].0;
             starts.iter().find(|t| **t > stop).map(|t| *t - stop)
         };
-        let (g0, g1) = (gap(0).unwrap(), gap(1).unwrap());
+        let (g0, g1, g2) = (gap(0).unwrap(), gap(1).unwrap(), gap(2).unwrap());
         assert!(
-            g1 > g0,
-            "{mode}: restart delays {g0:?} then {g1:?} do not grow"
+            g2 > g0 + Duration::from_millis(300),
+            "{mode}: restart delays {g0:?}, {g1:?}, {g2:?} do not grow"
         );
         let (ok, _) = h.good_carried_on(mode);
         report(
             &format!("hostile: {mode}"),
             format!(
-                "noticed ({first:?}), replaced with growing delays {g0:?} → {g1:?}, good answered {ok}, 0 failed"
+                "noticed ({first:?}), replaced with growing delays {g0:?} → {g1:?} → {g2:?}, good answered {ok}, 0 failed"
             ),
         );
     }
