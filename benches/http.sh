@@ -349,6 +349,22 @@ REPORT="$TMP/report.md"
     [[ " ${SETUPS[*]} " == *" $s "* ]] || continue
     echo "| $(label "$s") | $(pct "$s" close 6) | $(pct "$s" close 7) | $(pct "$s" close 8) | $(pct "$s" close 9) | $(pct "$s" keepalive 6) | $(pct "$s" keepalive 7) | $(pct "$s" keepalive 8) | $(pct "$s" keepalive 9) |"
   done
+  echo
+  echo "The same, new connection per request, as CPU time per request (µs; from the medians above)."
+  echo "\"free manager\" is the req/s the setup would reach if its manager cost nothing and the rest"
+  echo "used the CPU it uses now: an upper bound for any dispatcher that passes each connection."
+  echo
+  echo "| setup | manager µs/req | workers µs/req | wrk µs/req | total µs/req | req/s with a free manager | vs Node RR |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for s in processes-rr node-cluster-rr pm2; do
+    [[ " ${SETUPS[*]} " == *" $s "* ]] || continue
+    awk -v l="$(label "$s")" -v r="$(col "$s" close 3)" -v m="$(col "$s" close 6)" -v w="$(col "$s" close 7)" \
+        -v k="$(col "$s" close 8)" -v n="$nc_rr_c" 'BEGIN {
+      if (r == "-" || r == 0 || m == "-") { print "| " l " | – | – | – | – | – | – |"; exit }
+      us = 1e4 / r; t = m + w + k; free = r * t / (w + k)
+      printf "| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %s |\n", l, m * us, w * us, k * us, t * us, free,
+        (n == "-" || n == 0) ? "–" : sprintf("%.2f×", free / n) }'
+  done
 } >"$REPORT"
 
 # master logs: anything above INFO is worth a look
