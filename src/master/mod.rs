@@ -152,6 +152,9 @@ struct WorkerIo {
     passed: u64,
     /// Connections given to it, counted from the level it joined at (see `dispatch`).
     served: u64,
+    /// Listeners refused to it; only the 1st, 2nd, 4th, 8th… refusal is logged, so a
+    /// worker that asks in a loop cannot flood the log.
+    refusals: u64,
     load: sampling::Load,
 }
 
@@ -616,6 +619,7 @@ impl Master {
                         conn: None,
                         passed: 0,
                         served,
+                        refusals: 0,
                         load: sampling::Load::default(),
                     },
                 );

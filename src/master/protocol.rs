@@ -192,6 +192,21 @@ impl Master {
         self.dispatch_app(app);
     }
 
+    /// Counts a listener refused to a worker. Returns what to append to the log line when
+    /// this refusal should be logged (the 1st, 2nd, 4th, 8th… of this worker), else `None`.
+    fn count_refusal(&mut self, id: WorkerId) -> Option<String> {
+        let io = self.io.get_mut(&id)?;
+        io.refusals += 1;
+        let n = io.refusals;
+        n.is_power_of_two().then(|| {
+            if n == 1 {
+                String::new()
+            } else {
+                format!(" ({n} refusals to pid {} so far)", io.pid)
+            }
+        })
+    }
+
     pub(super) fn on_query_server(&mut self, id: WorkerId, q: node::QueryServer) {
         let Some(io) = self.io.get(&id) else { return };
         let app = io.app;
@@ -199,10 +214,12 @@ impl Master {
         if !self.pools[app].spec.is_node() {
             // Only Node workers speak the cluster protocol; anyone else asking for
             // listeners is refused (the app's listeners come from its config).
-            warn!(
-                "{}: a worker that is not a Node cluster worker asked for a listener; refused",
-                self.pools[app].spec.name
-            );
+            if let Some(n) = self.count_refusal(id) {
+                warn!(
+                    "{}: a worker that is not a Node cluster worker asked for a listener; refused{n}",
+                    self.pools[app].spec.name
+                );
+            }
             crate::metrics::violation(self.pools[app].spec.name.as_str(), "query_server");
             self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, libc::EACCES));
             return;
@@ -210,10 +227,12 @@ impl Master {
         let l = match self.listener_for(app, &q, &key) {
             Ok(l) => l,
             Err((errno, why)) => {
-                warn!(
-                    "{}: cannot listen for a worker on port {}: {why}",
-                    self.pools[app].spec.name, q.port,
-                );
+                if let Some(n) = self.count_refusal(id) {
+                    warn!(
+                        "{}: cannot listen for a worker on port {}: {why}{n}",
+                        self.pools[app].spec.name, q.port,
+                    );
+                }
                 self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, errno));
                 return;
             }

@@ -1258,7 +1258,17 @@ fn a_worker_asking_for_thousands_of_listeners_cannot_exhaust_the_masters_fds() {
     });
     assert!(settled);
     let fds = fd_count(pid);
+    // Each refusal is counted, but only the 1st, 2nd, 4th … 4096th is logged: 13 lines
+    // for 5000 requests.
+    let why = "asked for a listener; refused";
+    let lines = h.m.wait_logs(why, 13);
+    assert!(
+        lines[12].1.contains("(4096 refusals to pid "),
+        "{}",
+        lines[12].1
+    );
     let (ok, _) = h.good_carried_on("queryServer flood");
+    assert_eq!(h.m.out.matching(why).len(), 13);
     report(
         "hostile: 5000 queryServer",
         format!("master fds {fds}, good answered {ok}"),
