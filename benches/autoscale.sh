@@ -115,8 +115,7 @@ if [[ " ${SYSTEMS[*]} " == *" uwsgi "* ]] && [ ! -x "$UWSGI" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q uwsgi >&2
 fi
-log "building processes (cargo build --release)"
-(cd "$ROOT" && cargo build --release --quiet) >&2
+build_release "$ROOT"
 
 # ---------------------------------------------------------------- state and cleanup
 STAMP="$(date +%Y%m%d-%H%M%S)"
@@ -305,7 +304,7 @@ done
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
 REPORT="$OUT/report.md"
 {
-  echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')\`$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ with uncommitted changes)'):"
+  echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit $BUILT_AT:"
   echo "$(nproc) cores ($CPU_MODEL), Linux $(uname -r), Python $(python3 -c 'import platform; print(platform.python_version())'), uWSGI $("$UWSGI" --version 2>/dev/null || echo '?')."
   echo
   echo '```'

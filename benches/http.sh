@@ -85,8 +85,7 @@ if [[ " ${SETUPS[*]} " == *" pm2 "* ]] && [ ! -x "$PM2" ]; then
   mkdir -p "$TOOLS"
   npm install --prefix "$TOOLS" --no-audit --no-fund --loglevel=error pm2 >&2
 fi
-log "building processes (cargo build --release)"
-(cd "$ROOT" && cargo build --release --quiet) >&2
+build_release "$ROOT"
 
 # ---------------------------------------------------------------- state and cleanup
 TMP="$(mktemp -d /tmp/processes-bench.XXXXXX)"
@@ -316,7 +315,7 @@ CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
 CMD="benches/http.sh${ARGS:+ $ARGS}"
 REPORT="$TMP/report.md"
 {
-  echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')\`$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ with uncommitted changes)'):"
+  echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit $BUILT_AT:"
   echo "$(nproc) cores ($CPU_MODEL), Linux $(uname -r), Node $(node --version), $(wrk --version 2>&1 | head -1 | awk '{ print $1, $2 }')$( [ -x "$PM2" ] && echo ", PM2 $("$PM2" --version 2>/dev/null | tail -1)")."
   echo
   echo '```'

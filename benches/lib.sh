@@ -4,6 +4,15 @@ log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 port_free() { [ -z "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
 
+# build_release ROOT: builds the release binary and sets BUILT_AT to what it was built from,
+# for the report (taken now, not when the report is written: src may change during a run).
+build_release() {
+  log "building processes (cargo build --release)"
+  BUILT_AT="\`$(cd "$1" && git rev-parse --short HEAD 2>/dev/null || echo '?')\`"
+  (cd "$1" && git diff --quiet HEAD -- src 2>/dev/null) || BUILT_AT="$BUILT_AT (src/ with uncommitted changes)"
+  (cd "$1" && cargo build --release --quiet) >&2
+}
+
 # user+nice+system clock ticks of the whole machine, all CPUs
 cpu_busy() { awk '$1 == "cpu" { print $2 + $3 + $4; exit }' /proc/stat; }
 
