@@ -66,6 +66,12 @@ fn main() -> ExitCode {
                     "{}: {} → {} workers (bounds {}..{})",
                     a.app, d["from"], d["to"], d["min"], d["max"]
                 );
+                if d["autoscale_stopped"] == true {
+                    println!(
+                        "{0}: autoscaling is off now; `processes scale {0} min=A,max=B` turns it back on",
+                        a.app
+                    );
+                }
             })
         }
         Command::Reload(a) => {

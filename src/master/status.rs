@@ -156,6 +156,7 @@ impl Master {
             return Reply::error(format!("no app named {app}"));
         };
         let before = self.pools[i].target;
+        let mut autoscale_stopped = false;
         let after = match (n, min, max) {
             (Some(n), None, None) => {
                 if let Err(m) = crate::config::check_instances(n as i64) {
@@ -163,7 +164,10 @@ impl Master {
                 }
                 // A fixed size: autoscaling, if any, stops for this app.
                 self.pools[i].spec.sizing = crate::config::Sizing::Fixed(n);
-                self.autos[i] = None;
+                autoscale_stopped = self.autos[i].take().is_some();
+                if autoscale_stopped {
+                    info!("{app}: autoscaling off (a fixed size was set)");
+                }
                 self.pools[i].set_target(n)
             }
             (None, Some(min), Some(max)) => {
@@ -183,9 +187,10 @@ impl Master {
         }
         info!("{app}: {before} → {after} workers (processes scale)");
         let (lo, hi) = self.pools[i].spec.sizing.bounds();
-        Reply::ok(
-            serde_json::json!({"app": app, "from": before, "to": after, "min": lo, "max": hi}),
-        )
+        Reply::ok(serde_json::json!({
+            "app": app, "from": before, "to": after, "min": lo, "max": hi,
+            "autoscale_stopped": autoscale_stopped,
+        }))
     }
 
     /// Tells reload waiters of `app` how far it got.

@@ -309,11 +309,21 @@ fn scale_sets_a_size_or_bounds() {
     let (code, stdout, _) = cli(&m, &["scale", "processes-fixture", "3"]);
     assert_eq!(code, Some(0));
     assert!(stdout.contains("1 → 3 workers"), "{stdout}");
+    assert!(!stdout.contains("autoscaling"), "{stdout}");
     m.wait_ready(3);
     let (code, stdout, _) = cli(&m, &["scale", "processes-fixture", "min=1,max=2"]);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("(bounds 1..2)"), "{stdout}");
     m.wait_ready(2);
+    // A fixed size on an autoscaled app says that autoscaling stops, and how to resume it.
+    let (code, stdout, _) = cli(&m, &["scale", "processes-fixture", "2"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("autoscaling is off now; `processes scale processes-fixture min=A,max=B`"),
+        "{stdout}"
+    );
+    let s = m.status().unwrap();
+    assert!(s["apps"][0]["autoscale"].is_null(), "{s}");
     let (code, _, stderr) = cli(&m, &["scale", "processes-fixture", "min=3,max=2"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("min 3 is above max (2)"), "{stderr}");
