@@ -770,12 +770,15 @@ impl Master {
             warn!("[{name}:{slot}] cannot signal pid {pid}: {e}");
         }
         let jitter = self.jitter();
+        // The grace counts from when the stop went out, not from when this turn of the
+        // loop began (a turn delayed by a flood of work would shorten it).
+        let sent = Instant::now().max(now);
         self.pools[app].on_stop_sent(
             id,
             Stopping {
                 reason,
-                since: now,
-                kill_at: now + grace,
+                since: sent,
+                kill_at: sent + grace,
                 termed: !graceful_node,
                 killed: false,
             },
