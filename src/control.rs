@@ -157,14 +157,21 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError>
         // still hold.
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    match crate::sockets::clear_stale_socket(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             return Err(StartError::Control(format!(
                 "a master already runs with control socket {}; give this one another --name or --control",
                 path.display()
             )));
         }
-        std::fs::remove_file(path).map_err(setup)?;
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(StartError::Control(format!(
+                "{}: {e}; remove it or give another --control",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(setup(e)),
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(setup)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup)?;

@@ -48,25 +48,26 @@ impl Listener {
     }
 }
 
+/// What to tell a user whose bind failed this way (appended to "cannot listen on ADDR").
+pub fn bind_hint(kind: io::ErrorKind) -> &'static str {
+    match kind {
+        io::ErrorKind::AddrInUse => {
+            "; something else is listening there: stop it or pick another address"
+        }
+        io::ErrorKind::PermissionDenied => "; ports below 1024 need root or CAP_NET_BIND_SERVICE",
+        io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
+        io::ErrorKind::AlreadyExists => "; remove that file or pick another path",
+        _ => "",
+    }
+}
+
 /// Binds and listens. `field` names the setting for the error message.
 pub fn bind(addr: &ListenAddr, field: &str) -> Result<Listener, StartError> {
-    let bind_err = |source: io::Error| {
-        let hint = match source.kind() {
-            io::ErrorKind::AddrInUse => {
-                "; something else is listening there: stop it or pick another address"
-            }
-            io::ErrorKind::PermissionDenied => {
-                "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
-            }
-            io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
-            _ => "",
-        };
-        StartError::Bind {
-            field: field.to_string(),
-            addr: addr.to_string(),
-            hint,
-            source,
-        }
+    let bind_err = |source: io::Error| StartError::Bind {
+        field: field.to_string(),
+        addr: addr.to_string(),
+        hint: bind_hint(source.kind()),
+        source,
     };
     match addr {
         ListenAddr::Tcp(sa) => {
@@ -101,22 +102,30 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
+/// Makes room to bind a unix socket at `path`: a socket nobody answers on is removed; a
+/// live one is `AddrInUse`; anything that is not a socket is left alone and is
+/// `AlreadyExists` (never delete a user's file because a flag named it).
+pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::from(io::ErrorKind::AddrInUse)),
+        Err(_) => std::fs::remove_file(path),
+    }
+}
+
 /// A unix-domain listening socket. A stale socket file that nobody listens on is removed
 /// first; a live one is an `AddrInUse` error, like TCP.
 pub fn bind_unix(path: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            ));
-        }
-        match UnixStream::connect(path) {
-            Ok(_) => return Err(io::Error::from(io::ErrorKind::AddrInUse)),
-            Err(_) => std::fs::remove_file(path)?,
-        }
-    }
+    clear_stale_socket(path)?;
     let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
     socket.bind(&SockAddr::unix(path)?)?;
     socket.listen(BACKLOG)?;

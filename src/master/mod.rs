@@ -269,12 +269,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                     "--metrics".into()
                 },
                 addr: addr.to_string(),
-                hint: match source.kind() {
-                    std::io::ErrorKind::AddrInUse => {
-                        "; something else is listening there: stop it or pick another address"
-                    }
-                    _ => "",
-                },
+                hint: sockets::bind_hint(source.kind()),
                 source,
             })?,
         ),

@@ -175,6 +175,30 @@ fn a_port_in_use() {
     );
 }
 
+/// `--control` or `--listen` naming a file that is not a socket: an error, and the file
+/// is left as it was (it used to be deleted to make room for the socket).
+#[test]
+fn a_file_where_a_socket_should_go_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("important.txt"), "precious").unwrap();
+    let (code, stderr, _) = run_in(d, &["run", "--control", "important.txt", "--", FIXTURE]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr,
+        "processes: control socket: important.txt: a file that is not a socket is in the way; remove it or give another --control"
+    );
+    check(
+        d,
+        &["run", "--listen", "./important.txt", "--", FIXTURE],
+        "processes: --listen: cannot listen on unix:./important.txt; remove that file or pick another path: a file that is not a socket is in the way",
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("important.txt")).unwrap(),
+        "precious"
+    );
+}
+
 #[test]
 fn bad_config_files() {
     let dir = tempfile::tempdir().unwrap();
