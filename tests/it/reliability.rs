@@ -1690,3 +1690,73 @@ fn the_control_socket_survives_garbage_oversize_and_slow_clients() {
     assert!(*dropped_after.last().unwrap() < Duration::from_secs(8));
     assert!(*dropped_after.first().unwrap() >= Duration::from_millis(4900));
 }
+
+// ---- whoever reads the master's output goes away ----------------------------------------
+
+/// `processes run … 2>&1 | head -1`: once the reader of its stdout and stderr is gone, the
+/// master goes on supervising (it used to panic on the first log line it could not write).
+#[test]
+fn the_master_outlives_the_reader_of_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    let mut child = Command::new(BIN)
+        .args(["run", "-i", "1", "--ready-after", "50ms", "--control"])
+        .arg(&control)
+        .args(["--", FIXTURE])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains(" ready") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no ready line");
+    }
+    drop(err);
+    drop(child.stdout.take());
+    let ctl = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let worker_pid = |s: &str| -> Option<i32> {
+        let v: Value = serde_json::from_str(s).ok()?;
+        let w = &v["apps"][0]["workers"][0];
+        (w["state"] == "ready")
+            .then(|| w["pid"].as_i64())?
+            .map(|p| p as i32)
+    };
+    let mut victim = None;
+    poll(Duration::from_secs(10), || {
+        victim = worker_pid(&ctl(&["status", "--json"]).1);
+        victim.is_some()
+    });
+    let victim = victim.expect("a ready worker");
+    // Its crash and restart are log lines nobody reads now.
+    kill(victim, libc::SIGKILL);
+    let replaced = poll(Duration::from_secs(10), || {
+        worker_pid(&ctl(&["status", "--json"]).1).is_some_and(|p| p != victim)
+    });
+    assert!(replaced, "the crashed worker was not replaced");
+    assert!(child.try_wait().unwrap().is_none(), "the master exited");
+    assert!(ctl(&["stop"]).0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the master did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
