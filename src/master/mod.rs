@@ -48,6 +48,14 @@ pub const MAX_QUEUED_PER_LISTENER: usize = 256;
 /// Listeners the workers of one app may have the master bind on request (Node's
 /// `listen()` on ports the config does not name).
 pub const MAX_REQUESTED_LISTENERS: usize = 64;
+/// Different keys (address, port, flags) by which an app's workers may ask for one
+/// configured listener.
+const MAX_KEYS_PER_LISTENER: usize = 16;
+/// The longest `queryServer` key kept (a unix path is at most 108 bytes; an address 45).
+const MAX_KEY_LEN: usize = 512;
+/// A connection every worker keeps refusing (`accepted: false`) is closed after this many
+/// refusals instead of going round for ever (as it would under Node's primary).
+const MAX_CONN_REFUSALS: u32 = 8;
 /// How many times a handle is resent after `NODE_HANDLE_NACK` (Node's own limit).
 const MAX_HANDLE_RETRANSMISSIONS: u32 = 3;
 /// The worker's end of its channel sits after the inherited listeners; this is announced
@@ -106,11 +114,15 @@ struct ListenerEntry {
     queue: VecDeque<Queued>,
     accept_started: bool,
     passed: u64,
+    /// Connections closed because every worker refused them.
+    closed_refused: u64,
 }
 
 struct Queued {
     fd: crate::channel::SharedFd,
     permit: OwnedSemaphorePermit,
+    /// Times a worker answered `accepted: false` for it.
+    refused: u32,
 }
 
 /// A handle sent and not yet acknowledged.
@@ -128,6 +140,7 @@ struct ConnInFlight {
     fd: crate::channel::SharedFd,
     permit: OwnedSemaphorePermit,
     acked: bool,
+    refused: u32,
 }
 
 /// One worker's channel and protocol state.
@@ -140,8 +153,10 @@ struct WorkerIo {
     online: bool,
     /// Our next `seq` towards this worker.
     seq: u64,
-    /// Listeners it asked for with `queryServer`.
-    keys: BTreeSet<usize>,
+    /// Listeners it asked for with `queryServer`, each with the keys it asked with, in
+    /// order: its `newconn`s carry the first (a Node worker refuses a key it has no server
+    /// for), so a later, made-up key cannot divert its connections.
+    keys: BTreeMap<usize, Vec<String>>,
     queried_any: bool,
     /// Said `ready` itself over the channel (not just up for `ready_after`).
     said_ready: bool,
@@ -250,6 +265,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 passing,
                 queue: VecDeque::new(),
                 accept_started: false,
+                closed_refused: 0,
                 passed: 0,
             });
         }
@@ -606,7 +622,7 @@ impl Master {
                         channel,
                         online: false,
                         seq: 0,
-                        keys: BTreeSet::new(),
+                        keys: BTreeMap::new(),
                         queried_any: false,
                         said_ready: false,
                         awaiting_ack: None,
@@ -1256,6 +1272,7 @@ impl Master {
                 self.listeners[l].queue.push_back(Queued {
                     fd: std::sync::Arc::new(fd),
                     permit,
+                    refused: 0,
                 });
                 self.dispatch(l);
             }
@@ -1303,6 +1320,7 @@ impl Master {
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
                 permit: c.permit,
+                refused: c.refused,
             });
         }
         // A draining Node worker that closed its channel has closed its servers.
@@ -1337,6 +1355,7 @@ impl Master {
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
                 permit: c.permit,
+                refused: c.refused,
             });
         }
     }

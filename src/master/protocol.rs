@@ -61,10 +61,12 @@ impl Master {
                 self.dispatch_app(app);
             }
             FromWorker::Close { key, .. } => {
-                if let Some(l) = self.listeners.iter().position(|l| l.keys.contains(&key))
-                    && let Some(io) = self.io.get_mut(&id)
-                {
-                    io.keys.remove(&l);
+                // Only the worker's own listeners: another app's may share the key.
+                if let Some(io) = self.io.get_mut(&id) {
+                    io.keys.retain(|_, keys| {
+                        keys.retain(|k| *k != key);
+                        !keys.is_empty()
+                    });
                 }
             }
             FromWorker::ExitedAfterDisconnect { seq } => {
@@ -160,6 +162,7 @@ impl Master {
                 self.listeners[c.listener].queue.push_back(Queued {
                     fd: c.fd,
                     permit: c.permit,
+                    refused: c.refused,
                 });
             }
             return;
@@ -181,12 +184,27 @@ impl Master {
         let app = io.app;
         if accepted == Some(true) {
             drop(c);
+        } else if c.refused + 1 >= MAX_CONN_REFUSALS {
+            // Refused again and again (no worker has a server for it): closing it is
+            // better than passing it round for ever. Logged at the 1st, 2nd, 4th… such.
+            let entry = &mut self.listeners[c.listener];
+            entry.closed_refused += 1;
+            let n = entry.closed_refused;
+            if n.is_power_of_two() {
+                warn!(
+                    "{}: closed a connection its workers refused {MAX_CONN_REFUSALS} times \
+                     (no server for it?); {n} so far",
+                    self.pools[app].spec.name
+                );
+            }
+            crate::metrics::violation(self.pools[app].spec.name.as_str(), "refused_connection");
         } else {
             // The worker would not take it (its server is closing, or it is at
             // maxConnections): someone else gets it.
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
                 permit: c.permit,
+                refused: c.refused + 1,
             });
         }
         self.dispatch_app(app);
@@ -242,7 +260,10 @@ impl Master {
         }
         let data = self.listeners[l].data.clone();
         if let Some(io) = self.io.get_mut(&id) {
-            io.keys.insert(l);
+            let keys = io.keys.entry(l).or_default();
+            if !keys.contains(&key) {
+                keys.push(key.clone());
+            }
             io.queried_any = true;
         }
         if let Some(w) = self.pools[app].workers.get_mut(&id)
@@ -304,13 +325,33 @@ impl Master {
         {
             return Ok(i);
         }
-        // A port the app configured with `listen` is that listener.
+        // A key is kept for the master's life: a worker must not make it hold megabytes.
+        if key.len() > MAX_KEY_LEN {
+            return Err((
+                libc::EINVAL,
+                format!(
+                    "its address is {} bytes long (at most {MAX_KEY_LEN})",
+                    key.len()
+                ),
+            ));
+        }
+        // A port the app configured with `listen` is that listener, however it is asked
+        // for (`listen(3000)`, `listen(3000, '0.0.0.0')`…), up to a few ways.
         if q.port > 0
             && !q.address_type.is_udp()
             && let Some(i) = self.listeners.iter().position(|l| {
                 l.app == app && l.configured && l.listener.port() == Some(q.port as u16)
             })
         {
+            if self.listeners[i].keys.len() >= MAX_KEYS_PER_LISTENER {
+                return Err((
+                    libc::EADDRINUSE,
+                    format!(
+                        "its workers already asked for this port in {MAX_KEYS_PER_LISTENER} \
+                         different ways (addresses or flags), the most an app may"
+                    ),
+                ));
+            }
             self.listeners[i].keys.insert(key.to_string());
             return Ok(i);
         }
@@ -354,6 +395,7 @@ impl Master {
             passing: passing && !udp,
             queue: VecDeque::new(),
             accept_started: false,
+            closed_refused: 0,
             passed: 0,
         });
         Ok(self.listeners.len() - 1)
@@ -395,7 +437,7 @@ impl Master {
                 .filter_map(|w| {
                     let io = self.io.get(&w.id)?;
                     io.channel.as_ref()?;
-                    let eligible = if io.keys.contains(&l) {
+                    let eligible = if io.keys.contains_key(&l) {
                         true
                     } else {
                         // A worker that is no cluster server takes plain connections from
@@ -433,19 +475,12 @@ impl Master {
         let Some(io) = self.io.get_mut(&id) else {
             return;
         };
-        let cluster = io.keys.contains(&l);
         io.passed += 1;
         io.served += 1;
-        let (value, seq) = if cluster {
-            let key = self.listeners[l]
-                .keys
-                .iter()
-                .next()
-                .cloned()
-                .unwrap_or_default();
+        let (value, seq) = if let Some(key) = io.keys.get(&l).and_then(|k| k.first()) {
             let seq = io.seq;
             io.seq += 1;
-            (node::newconn(seq, &key), Some(seq))
+            (node::newconn(seq, key), Some(seq))
         } else {
             (
                 node::connection(l, &self.listeners[l].listener.local.to_string()),
@@ -459,6 +494,7 @@ impl Master {
             fd: q.fd,
             permit: q.permit,
             acked: false,
+            refused: q.refused,
         });
         record::handle_pass(
             self.pools[self.listeners[l].app].spec.name.as_str(),

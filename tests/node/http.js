@@ -1,5 +1,6 @@
 // A plain CommonJS HTTP server that knows nothing about processes: it listens on PORT (and
-// on PORT2 as well when that is set) and answers every request with who served it.
+// on PORT2 as well when that is set) and answers every request with who served it. With
+// HOST_SLOT<n> set, the worker in slot n listens on that host (`listen(PORT, HOST)`).
 'use strict';
 const http = require('http');
 
@@ -19,7 +20,9 @@ function handler(req, res) {
   res.end(body);
 }
 
+const host = process.env['HOST_SLOT' + process.env.PROCESSES_WORKER_ID];
 for (const name of ['PORT', 'PORT2']) {
   const port = process.env[name];
-  if (port) http.createServer(handler).listen(Number(port));
+  if (port && host) http.createServer(handler).listen(Number(port), host);
+  else if (port) http.createServer(handler).listen(Number(port));
 }
