@@ -372,6 +372,17 @@ impl Master {
                 ),
             ));
         }
+        // A unix socket is bound at a path the worker names, with the master's rights: a
+        // worker that runs as another user (`user`, the master being root) could have
+        // sockets made, or stale ones replaced, where it may not write itself.
+        if q.address_type == node::AddressType::Pipe && self.pools[app].spec.user.is_some() {
+            return Err((
+                libc::EACCES,
+                "its workers run as another user, and the master binds a unix socket a worker \
+                 names only for workers of its own user: give the path in the app's `listen`"
+                    .to_string(),
+            ));
+        }
         let (fd, local, udp) = bind_for_node(q)
             .map_err(|e| (e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))?;
         let passing = self.pools[app].spec.dispatch().passes();

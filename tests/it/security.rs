@@ -121,6 +121,48 @@ fn node_workers_as_nobody_still_get_the_preload() {
     });
 }
 
+/// A Node worker running as another user asks the (root) master to listen on a unix
+/// socket path of its choosing: refused with EACCES, and nothing is made at that path.
+#[test]
+fn a_worker_of_another_user_cannot_have_the_master_bind_a_path() {
+    if !is_root() {
+        eprintln!("SKIPPED a_worker_of_another_user_cannot_have_the_master_bind_a_path: needs root");
+        return;
+    }
+    let dir = dir_everyone_can_reach();
+    use std::os::unix::fs::PermissionsExt;
+    let app = dir.path().join("app.js");
+    std::fs::write(
+        &app,
+        "const s = require('http').createServer((q, r) => r.end('ok'));\n\
+         s.on('error', (e) => console.log('PIPE ' + e.code));\n\
+         s.listen(process.env.PIPE_PATH);\n\
+         setInterval(() => {}, 1000);\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Somewhere only root may write.
+    let root_only = tempfile::tempdir().unwrap();
+    let planted = root_only.path().join("planted.sock");
+    let m = run_config(
+        &format!(
+            r#"
+            [apps.pipes]
+            command = ["node", "{}"]
+            user = "nobody"
+            env = {{ PIPE_PATH = "{}" }}
+            ready_after = "50ms"
+            "#,
+            app.display(),
+            planted.display()
+        ),
+        &[],
+    );
+    m.wait_log("PIPE EACCES");
+    m.wait_log("binds a unix socket a worker names only for workers of its own user");
+    assert!(!planted.exists(), "the master made {}", planted.display());
+}
+
 #[test]
 fn the_masters_secrets_stay_out_of_workers_unless_asked_for() {
     let dir = tempfile::tempdir().unwrap();
