@@ -123,7 +123,11 @@ impl Master {
         let Some(io) = self.io.get_mut(&id) else {
             return;
         };
-        io.awaiting_ack = None;
+        // An ack with no handle in flight (stray, or repeated) acknowledges nothing: it
+        // must not count for the next handle.
+        if io.awaiting_ack.take().is_none() {
+            return;
+        }
         if let Some(c) = io.conn.as_mut() {
             c.acked = true;
             if c.seq.is_none() {
@@ -131,7 +135,12 @@ impl Master {
                 io.conn = None;
             }
         }
-        // Release what waited behind the handle, up to the next handle.
+        self.release_held(id);
+    }
+
+    /// Sends what waited behind a handle that is settled, up to the next handle, and
+    /// lets dispatch use the worker again.
+    fn release_held(&mut self, id: WorkerId) {
         while self.io.get(&id).is_some_and(|io| io.awaiting_ack.is_none()) {
             let Some((v, fd)) = self.io.get_mut(&id).and_then(|io| io.held.pop_front()) else {
                 break;
@@ -157,14 +166,20 @@ impl Master {
                 "worker pid {} refused a handle {} times; giving up on it",
                 io.pid, h.retries
             );
-            io.awaiting_ack = None;
-            if let Some(c) = io.conn.take() {
-                self.listeners[c.listener].queue.push_back(Queued {
+            let refused = io.awaiting_ack.take().map(|h| h.fd);
+            // Only a connection whose own handle was refused goes to another worker: one
+            // the worker acknowledged earlier is its, whatever handle came after.
+            let conn = io.conn.take_if(|c| {
+                !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd))
+            });
+            if let Some(c) = conn {
+                self.listeners[c.listener].queue.push_front(Queued {
                     fd: c.fd,
                     permit: c.permit,
                     refused: c.refused,
                 });
             }
+            self.release_held(id);
             return;
         }
         // Node wraps a retransmission in a second envelope; workers unwrap it.
