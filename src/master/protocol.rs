@@ -169,9 +169,9 @@ impl Master {
             let refused = io.awaiting_ack.take().map(|h| h.fd);
             // Only a connection whose own handle was refused goes to another worker: one
             // the worker acknowledged earlier is its, whatever handle came after.
-            let conn = io.conn.take_if(|c| {
-                !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd))
-            });
+            let conn = io
+                .conn
+                .take_if(|c| !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd)));
             if let Some(c) = conn {
                 self.listeners[c.listener].queue.push_front(Queued {
                     fd: c.fd,

@@ -126,7 +126,9 @@ fn node_workers_as_nobody_still_get_the_preload() {
 #[test]
 fn a_worker_of_another_user_cannot_have_the_master_bind_a_path() {
     if !is_root() {
-        eprintln!("SKIPPED a_worker_of_another_user_cannot_have_the_master_bind_a_path: needs root");
+        eprintln!(
+            "SKIPPED a_worker_of_another_user_cannot_have_the_master_bind_a_path: needs root"
+        );
         return;
     }
     let dir = dir_everyone_can_reach();
