@@ -8,8 +8,9 @@
 //! waiting goes to the first `NODE_HANDLE` message that finishes parsing after it arrived.
 //!
 //! The invariant: a worker can only hurt its own channel. A line over [`MAX_LINE`],
-//! invalid JSON, or fds piling up with no message to claim them close the channel and are
-//! reported once as a [`Violation`]; the master carries on.
+//! invalid JSON, fds piling up with no message to claim them, or more than
+//! [`MAX_QUEUED_OUT`] of our lines waiting because it does not read, close the channel
+//! and are reported once as a [`Violation`]; the master carries on.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -28,6 +29,10 @@ use tokio::sync::mpsc;
 pub const MAX_LINE: usize = 1 << 20;
 /// Fds that may wait for their `NODE_HANDLE` message before the worker is cut off.
 pub const MAX_PENDING_FDS: usize = 4;
+/// Lines of ours that may wait for a worker to read (past what the kernel buffers) before
+/// it is cut off: the master sends a worker a few lines a second unless the worker asks
+/// for replies (a `NODE_HANDLE` without an fd is answered with a NACK) while not reading.
+pub const MAX_QUEUED_OUT: usize = 4096;
 
 /// Creates the pair: `(master_end, worker_end)`, both close-on-exec; the master's end is
 /// non-blocking. The worker's end is placed at a fixed fd by `spawn`, which clears its
@@ -53,6 +58,8 @@ pub enum Violation {
     InvalidJson(#[source] serde_json::Error),
     #[error("sent file descriptors without a NODE_HANDLE message to carry them")]
     UnexpectedFds,
+    #[error("does not read its channel ({MAX_QUEUED_OUT} lines waiting for it)")]
+    NotReading,
     #[error("channel read failed")]
     Io(#[source] io::Error),
 }
@@ -64,6 +71,7 @@ impl Violation {
             Violation::LineTooLong => "line_too_long",
             Violation::InvalidJson(_) => "invalid_json",
             Violation::UnexpectedFds => "unexpected_fds",
+            Violation::NotReading => "not_reading",
             Violation::Io(_) => "io_error",
         }
     }
@@ -206,6 +214,9 @@ async fn run<E>(
             biased;
             got = rx.recv(), if !senders_gone => match got {
                 Some(msg) => {
+                    if queue.len() >= MAX_QUEUED_OUT {
+                        return Some(Violation::NotReading);
+                    }
                     queue.push_back(msg);
                     // Opportunistic write: most lines go out without waiting.
                     if let Err(e) = flush(&fd, &mut queue, &mut written) {

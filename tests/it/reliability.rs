@@ -1152,6 +1152,21 @@ fn a_worker_sending_fds_without_messages_is_cut_off_and_the_fds_closed() {
 /// master acknowledges and ignores them (a worker has no business sending handles), closes
 /// every fd it was given, and the worker's channel stays usable: it is still passed
 /// connections afterwards.
+/// A worker that sends 20 000 `NODE_HANDLE`s without an fd and never reads its channel:
+/// the master's answers (a NACK each) pile up for it. Past 4096 waiting, the channel is cut
+/// off as a violation instead of the master holding them all; the others carry on.
+#[test]
+fn a_worker_that_never_reads_its_channel_is_cut_off() {
+    let mut h = Hostile::start(&["send-handle-without-fd=20000", "park"], "");
+    h.m.wait_log("does not read its channel (4096 lines waiting for it)");
+    assert!(h.violations("not_reading") >= 1.0);
+    let (ok, _) = h.good_carried_on("a worker that does not read");
+    report(
+        "hostile: 20 000 NACKs unread",
+        format!("cut off at 4096 queued lines, good answered {ok}"),
+    );
+}
+
 #[test]
 fn handles_without_an_fd_or_with_a_non_socket_fd_are_ignored_and_closed() {
     let mut h = Hostile::start(
