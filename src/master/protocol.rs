@@ -101,6 +101,11 @@ impl Master {
         let Some(ch) = io.channel.clone() else { return };
         let is_ack = value.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE_ACK");
         if io.awaiting_ack.is_some() && !is_ack {
+            if io.held.len() >= channel::MAX_QUEUED_OUT {
+                // It neither acknowledges the handle nor stops asking for replies.
+                self.on_channel_closed(id, Some(channel::Violation::NotReading));
+                return;
+            }
             io.held.push_back((value, fd));
             return;
         }
