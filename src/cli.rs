@@ -42,6 +42,8 @@ pub enum Command {
     Restart(RestartArgs),
     /// Stop one app, or the whole master and all its workers.
     Stop(StopArgs),
+    /// Start a stopped app again; slots waiting to restart after crashes start at once.
+    Start(StartArgs),
     /// A live view of a running master: pools, workers, load, lag; keys to scale and reload.
     Top(Target),
 }
@@ -112,6 +114,18 @@ pub struct RestartArgs {
 pub struct StopArgs {
     /// Only this app (default: the whole master).
     pub app: Option<String>,
+    /// Return once the master has the request, without waiting for the workers (or the
+    /// master) to be gone.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The app to start.
+    pub app: String,
     #[command(flatten)]
     pub target: Target,
 }

@@ -60,6 +60,9 @@ pub enum Request {
         #[serde(default)]
         app: Option<String>,
     },
+    /// Start a stopped app again, and restart at once any of its slots that wait after
+    /// crashes.
+    Start { app: String },
 }
 
 /// Where the master answers one request: progress lines while it works, then the reply.
@@ -203,11 +206,44 @@ pub fn serve(listener: std::os::unix::net::UnixListener, events: mpsc::Sender<Ev
                 continue;
             }
             let events = events.clone();
+            let guard = InFlight::enter();
             tokio::spawn(async move {
                 let _ = handle(stream, events).await;
+                drop(guard);
             });
         }
     });
+}
+
+/// Control connections being served; the master waits for them (briefly) before it
+/// exits, so that the client that asked it to stop hears its answer.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Lets replies already decided reach their clients: waits until no control connection
+/// is being served, or `limit` has passed (a client that stops reading must not hold the
+/// master up).
+pub async fn drain(limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 async fn write_reply(stream: &mut tokio::net::UnixStream, reply: &Reply) -> io::Result<()> {
@@ -345,6 +381,10 @@ mod tests {
         assert_eq!(
             parse_request(br#"{"v":1,"cmd":"stop"}"#),
             Ok(Request::Stop { app: None })
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"start","app":"web"}"#),
+            Ok(Request::Start { app: "web".into() })
         );
         assert!(
             parse_request(br#"{"v":2,"cmd":"status"}"#)

@@ -111,8 +111,23 @@ fn main() -> ExitCode {
             },
             Err(e) => fail(&e),
         },
-        Command::Stop(a) => client(&a.target, &Request::Stop { app: a.app.clone() }, |d| {
-            println!("stopping {}", d["stopping"].as_str().unwrap_or("all"))
+        Command::Stop(a) => stop(&a),
+        Command::Start(a) => client(&a.target, &Request::Start { app: a.app.clone() }, |d| {
+            let n = d["started"].as_u64().unwrap_or(0);
+            if d["was_stopped"] == true {
+                println!(
+                    "starting {} ({n} worker{})",
+                    a.app,
+                    if n == 1 { "" } else { "s" }
+                );
+            } else {
+                println!(
+                    "{}: {n} slot{} waiting after crashes restart{} now",
+                    a.app,
+                    if n == 1 { "" } else { "s" },
+                    if n == 1 { "s" } else { "" }
+                );
+            }
         }),
     }
 }
@@ -140,6 +155,51 @@ fn init_logging() {
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("processes: {}", error_chain(e));
     ExitCode::from(2)
+}
+
+/// `processes stop [APP]`: asks, then waits (like `systemctl stop`) until the app's
+/// workers, or the whole master, are gone, so that `stop && run` works.
+fn stop(a: &processes::cli::StopArgs) -> ExitCode {
+    let path = match a.target.resolve() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let what = a.app.clone().unwrap_or_else(|| "all".into());
+    if let Err(e) = control::request(&path, &Request::Stop { app: a.app.clone() }) {
+        return fail(&e);
+    }
+    println!("stopping {what}");
+    if a.no_wait {
+        return ExitCode::SUCCESS;
+    }
+    let gone = || match &a.app {
+        // The master removes its control socket as it exits.
+        None => std::os::unix::net::UnixStream::connect(&path).is_err(),
+        Some(app) => control::request(
+            &path,
+            &Request::Status {
+                app: Some(app.clone()),
+            },
+        )
+        .map(|d| {
+            d["apps"][0]["workers"]
+                .as_array()
+                .is_none_or(|w| w.is_empty())
+        })
+        .unwrap_or(true),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !gone() {
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "processes: {what} is still stopping after 5 minutes; `processes status` shows what is left"
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    println!("stopped {what}");
+    ExitCode::SUCCESS
 }
 
 fn client(

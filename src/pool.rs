@@ -421,6 +421,30 @@ impl Pool {
     }
 
     /// Begins a rolling reload of every slot. Returns false if one is already running.
+    /// `processes start`: a stopped app runs again, and slots that wait — backing off after
+    /// crashes, or kept down by the restart policy — start now with their crash history
+    /// cleared (the user has presumably fixed what made them crash). Returns how many
+    /// slots start now.
+    pub fn start_now(&mut self) -> usize {
+        self.stopping = false;
+        self.restart_waiting_slots()
+    }
+
+    /// Slots with no worker (backing off, crash-looping, or parked by the restart policy)
+    /// start at the next plan, with a clean crash history. Returns how many.
+    pub fn restart_waiting_slots(&mut self) -> usize {
+        let mut n = 0;
+        for s in self.slots.values_mut() {
+            if s.current.is_none() && s.incoming.is_none() {
+                s.restart_at = None;
+                s.parked = None;
+                s.backoff = crate::backoff::Backoff::default();
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub fn start_reload(
         &mut self,
         new_spec: Option<AppSpec>,

@@ -394,6 +394,8 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             master.start_registry(r);
         }
         let code = master.run(events_rx).await;
+        // `processes stop` waits for its answer: let it (and any other reply) go out.
+        control::drain(Duration::from_secs(1)).await;
         if let Some(registry) = master.registry.take() {
             // Graceful stop: the keys go now, not when the lease runs out.
             registry.shutdown(Duration::from_secs(2)).await;
@@ -890,10 +892,13 @@ impl Master {
             ));
             let total = pool.reload.as_ref().map_or(0, |r| r.total);
             probes::reload_start(name.as_str(), total as u32);
-            info!(
-                "{name}: rolling reload started ({} workers)",
-                pool.reload.as_ref().map_or(0, |r| r.total)
-            );
+            info!("{name}: rolling reload started ({total} running)");
+            // Slots that wait after crashes start now, with what was just reloaded: fixing
+            // the code and reloading must not wait out a crash loop's backoff.
+            let waiting = pool.restart_waiting_slots();
+            if waiting > 0 {
+                info!("{name}: {waiting} slot(s) that were waiting after crashes start now");
+            }
             true
         } else {
             warn!("{name}: a reload is already running; ignoring this one");

@@ -31,6 +31,19 @@ impl Master {
                     },
                     None => (0..self.pools.len()).collect(),
                 };
+                // A stopped app is not reloaded: `processes start` runs it again.
+                if let [i] = targets[..]
+                    && self.pools[i].stopping
+                {
+                    let name = &self.pools[i].spec.name;
+                    return responder.reply(Reply::error(format!(
+                        "{name} is stopped; `processes start {name}` runs it again"
+                    )));
+                }
+                let targets: Vec<usize> = targets
+                    .into_iter()
+                    .filter(|&i| !self.pools[i].stopping)
+                    .collect();
                 // An app already reloading (a config file change, another client) is not
                 // reloaded twice: this client waits for that reload's outcome instead.
                 let (running, idle): (Vec<usize>, Vec<usize>) = targets
@@ -56,8 +69,9 @@ impl Master {
                         for &i in &started {
                             let total = self.pools[i].reload.as_ref().map_or(0, |r| r.total);
                             responder.progress(format!(
-                                "{}: replacing {total} workers, {} at a time",
+                                "{}: replacing {total} worker{}, {} at a time",
                                 self.pools[i].spec.name,
+                                if total == 1 { "" } else { "s" },
                                 batch.unwrap_or(1).max(1)
                             ));
                         }
@@ -85,8 +99,12 @@ impl Master {
                     Some(_) => Reply::error(format!(
                         "{app} slot {slot} is already being replaced; wait for it to finish"
                     )),
+                    None if pool.stopping => Reply::error(format!(
+                        "{app} is stopped; `processes start {app}` runs it again"
+                    )),
                     None if pool.slots.contains_key(&slot) => Reply::error(format!(
-                        "{app} slot {slot} has no running worker (it is restarting); nothing to restart"
+                        "{app} slot {slot} has no running worker (it is waiting to restart after \
+                         crashes); `processes start {app}` restarts it now"
                     )),
                     None => Reply::error(format!(
                         "{app} has no slot {slot}; `processes status {app}` lists its slots"
@@ -102,6 +120,28 @@ impl Master {
                 Some(i) => {
                     self.stop_app(i, now);
                     Reply::ok(serde_json::json!({"stopping": app}))
+                }
+            },
+            Request::Start { app } => match self.find_app(&app) {
+                None => Reply::error(format!("no app named {app}")),
+                Some(_) if self.shutdown.is_some() => {
+                    Reply::error("the master is shutting down; start it again instead")
+                }
+                Some(i) => {
+                    let was_stopped = self.pools[i].stopping;
+                    let started = self.pools[i].start_now();
+                    info!(
+                        "{app}: {} (processes start): {started} slot(s) start now",
+                        if was_stopped {
+                            "started again"
+                        } else {
+                            "restarting waiting slots"
+                        }
+                    );
+                    self.dirty = true;
+                    Reply::ok(serde_json::json!({
+                        "app": app, "was_stopped": was_stopped, "started": started,
+                    }))
                 }
             },
         };
@@ -155,6 +195,11 @@ impl Master {
         let Some(i) = self.find_app(app) else {
             return Reply::error(format!("no app named {app}"));
         };
+        if self.pools[i].stopping {
+            return Reply::error(format!(
+                "{app} is stopped; `processes start {app}` runs it again"
+            ));
+        }
         let before = self.pools[i].target;
         let mut autoscale_stopped = false;
         let after = match (n, min, max) {

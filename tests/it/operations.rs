@@ -3,7 +3,7 @@
 //! replacement, restart of one slot, stopping one app, scaling to bounds, and a control
 //! client of another user being refused.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -293,13 +293,71 @@ fn stop_one_app_leaves_the_others_running() {
     });
     let (code, stdout, _) = cli(&m, &["stop", "a"]);
     assert_eq!(code, Some(0));
-    assert!(stdout.contains("stopping a"), "{stdout}");
-    m.wait_status("a stopped, b running", |s| {
-        s["apps"][0]["workers"].as_array().unwrap().is_empty() && s["apps"][1]["ready"] == 2
+    assert!(stdout.contains("stopping a\nstopped a"), "{stdout}");
+    // `stop` returned once a's workers were gone, like `systemctl stop`.
+    let s = m.status().unwrap();
+    assert!(
+        s["apps"][0]["workers"].as_array().unwrap().is_empty(),
+        "{s}"
+    );
+    assert_eq!(s["apps"][1]["ready"], 2, "{s}");
+    // A stopped app is not scaled or reloaded behind the user's back: they are told how
+    // to run it again, and `start` does.
+    for args in [
+        &["scale", "a", "2"][..],
+        &["reload", "a"],
+        &["restart", "a", "0"],
+    ] {
+        let (code, _, stderr) = cli(&m, args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("a is stopped; `processes start a` runs it again"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (code, stdout, stderr) = cli(&m, &["start", "a"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "starting a (1 worker)");
+    m.wait_status("a running again", |s| {
+        s["apps"][0]["ready"] == 1 && s["apps"][1]["ready"] == 2
     });
-    let (code, _, _) = cli(&m, &["stop"]);
-    assert_eq!(code, Some(0));
+    let (code, stdout, stderr) = cli(&m, &["stop"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("stopped all"), "{stdout}");
+    // It returned once the master was gone: its control socket with it.
+    assert!(!m.control.exists());
     assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// An app that crashes at start until it is fixed waits a minute between tries (its
+/// backoff); once fixed, `processes start APP` or `processes reload APP` starts it at once.
+#[test]
+fn a_fixed_crash_looping_app_starts_at_once_on_start_or_reload() {
+    for how in ["start", "reload"] {
+        let m = run_config(
+            r#"
+            [apps.flaky]
+            command = ["sh", "-c", "test -e {dir}/fixed || exit 3; exec {fixture}"]
+            ready_after = "50ms"
+            [apps.flaky.backoff]
+            initial = "60s"
+            max = "60s"
+            "#,
+            &[],
+        );
+        m.wait_log("exited with code 3 after");
+        m.wait_log("; restart 1 in");
+        std::fs::write(m.path().join("fixed"), "").unwrap();
+        let asked = Instant::now();
+        let (code, stdout, stderr) = cli(&m, &[how, "flaky"]);
+        assert_eq!(code, Some(0), "{how}: {stdout}{stderr}");
+        m.wait_status("flaky running", |s| s["apps"][0]["ready"] == 1);
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "{how}: flaky took {:?} to run after it was fixed",
+            asked.elapsed()
+        );
+    }
 }
 
 #[test]
