@@ -852,7 +852,13 @@ impl Master {
     fn end_reload(&mut self, app: usize, outcome: ReloadOutcome) {
         let ok = matches!(outcome, ReloadOutcome::Done { .. });
         let pool = &mut self.pools[app];
+        let sizing_before = pool.spec.sizing.clone();
         let Some(r) = pool.end_reload(ok) else { return };
+        if self.pools[app].spec.sizing != sizing_before {
+            // A failed reload brought the previous spec back, and with it its size.
+            self.apply_sizing(app, "reload failed");
+        }
+        let pool = &mut self.pools[app];
         probes::reload_done(pool.spec.name.as_str(), r.replaced as u32, ok);
         let name = pool.spec.name.clone();
         let failure = match outcome {
@@ -890,6 +896,11 @@ impl Master {
                 "RELOADING=1\nMONOTONIC_USEC={}",
                 crate::notify::monotonic_usec()
             ));
+            let resized = pool
+                .reload
+                .as_ref()
+                .and_then(|r| r.previous.as_ref())
+                .is_some_and(|p| p.sizing != pool.spec.sizing);
             let total = pool.reload.as_ref().map_or(0, |r| r.total);
             probes::reload_start(name.as_str(), total as u32);
             info!("{name}: rolling reload started ({total} running)");
@@ -898,6 +909,9 @@ impl Master {
             let waiting = pool.restart_waiting_slots();
             if waiting > 0 {
                 info!("{name}: {waiting} slot(s) that were waiting after crashes start now");
+            }
+            if resized {
+                self.apply_sizing(app, "config reload");
             }
             true
         } else {
@@ -1177,7 +1191,16 @@ impl Master {
                 return;
             }
         };
-        let changed: Vec<usize> = (0..self.pools.len())
+        for a in &fresh.apps {
+            if !self.pools.iter().any(|p| p.spec.name == a.name) {
+                warn!(
+                    "{}: apps.{} is new; adding an app needs a restart of the master, so it is not started",
+                    path.display(),
+                    a.name
+                );
+            }
+        }
+        let (changed, reloading): (Vec<usize>, Vec<usize>) = (0..self.pools.len())
             .filter(|&i| {
                 let current = &self.pools[i].spec;
                 fresh
@@ -1186,8 +1209,11 @@ impl Master {
                     .find(|a| a.name == current.name)
                     .is_some_and(|a| a != current)
             })
-            .filter(|&i| self.pools[i].reload.is_none())
-            .collect();
+            .partition(|&i| self.pools[i].reload.is_none());
+        if !reloading.is_empty() {
+            // Changed again while a reload runs: look at the file again once it is done.
+            self.config_mtime = None;
+        }
         if changed.is_empty() {
             return;
         }

@@ -209,21 +209,18 @@ impl Master {
                 }
                 // A fixed size: autoscaling, if any, stops for this app.
                 self.pools[i].spec.sizing = crate::config::Sizing::Fixed(n);
-                autoscale_stopped = self.autos[i].take().is_some();
+                autoscale_stopped = self.autos[i].is_some();
                 if autoscale_stopped {
                     info!("{app}: autoscaling off (a fixed size was set)");
                 }
-                self.pools[i].set_target(n)
+                self.apply_sizing(i, "")
             }
             (None, Some(min), Some(max)) => {
                 if let Err((field, m)) = crate::config::check_bounds(min, max) {
                     return Reply::error(format!("{app}: {field} {m}"));
                 }
                 self.pools[i].spec.sizing = crate::config::Sizing::Auto { min, max };
-                if self.autos[i].is_none() {
-                    self.autos[i] = sampling::Auto::new(&self.pools[i].spec);
-                }
-                self.pools[i].set_target(before)
+                self.apply_sizing(i, "")
             }
             _ => return Reply::error("give either N, or both min=A and max=B"),
         };
@@ -236,6 +233,31 @@ impl Master {
             "app": app, "from": before, "to": after, "min": lo, "max": hi,
             "autoscale_stopped": autoscale_stopped,
         }))
+    }
+
+    /// Makes the pool's size follow its spec's sizing: a fixed size is set (autoscaling
+    /// off); bounds start autoscaling if it was off and clamp the current size. `why`, if
+    /// not empty, is logged with a change. Returns the new target.
+    pub(super) fn apply_sizing(&mut self, app: usize, why: &str) -> usize {
+        let before = self.pools[app].target;
+        let after = match self.pools[app].spec.sizing {
+            crate::config::Sizing::Fixed(n) => {
+                self.autos[app] = None;
+                self.pools[app].set_target(n)
+            }
+            crate::config::Sizing::Auto { .. } => {
+                if self.autos[app].is_none() {
+                    self.autos[app] = sampling::Auto::new(&self.pools[app].spec);
+                }
+                self.pools[app].set_target(before)
+            }
+        };
+        if !why.is_empty() && after != before {
+            let name = self.pools[app].spec.name.clone();
+            record::scale(name.as_str(), before, after, "config");
+            info!("{name}: {before} → {after} workers ({why})");
+        }
+        after
     }
 
     /// Tells reload waiters of `app` how far it got.

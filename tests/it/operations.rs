@@ -517,3 +517,30 @@ fn a_config_file_change_reloads_what_changed() {
         "an unchanged app keeps its worker"
     );
 }
+
+/// A changed `instances` in the config file resizes the app with the reload, and an app
+/// added to the file is reported (it needs a restart of the master), not silently ignored.
+#[test]
+fn a_config_file_change_of_instances_resizes_the_app() {
+    let config = |n: usize, extra: &str| {
+        format!(
+            r#"
+            [apps.sized]
+            command = ["{FIXTURE}"]
+            instances = {n}
+            ready_after = "1500ms"
+            {extra}
+            "#
+        )
+    };
+    let m = run_config(&config(2, ""), &[]);
+    m.wait_ready(2);
+    let added = format!("[apps.extra]\ncommand = [\"{FIXTURE}\"]");
+    std::fs::write(m.path().join("processes.toml"), config(3, &added)).unwrap();
+    m.wait_log("sized: 2 → 3 workers (config reload)");
+    m.wait_log("apps.extra is new; adding an app needs a restart of the master");
+    // Changed again while that reload still runs: applied once it is done, not lost.
+    std::fs::write(m.path().join("processes.toml"), config(1, "")).unwrap();
+    m.wait_log("sized: 3 → 1 workers (config reload)");
+    m.wait_ready(1);
+}
