@@ -852,7 +852,7 @@ impl Master {
     fn end_reload(&mut self, app: usize, outcome: ReloadOutcome) {
         let ok = matches!(outcome, ReloadOutcome::Done { .. });
         let pool = &mut self.pools[app];
-        let sizing_before = pool.spec.sizing.clone();
+        let sizing_before = pool.spec.sizing;
         let Some(r) = pool.end_reload(ok) else { return };
         if self.pools[app].spec.sizing != sizing_before {
             // A failed reload brought the previous spec back, and with it its size.
