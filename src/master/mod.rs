@@ -362,6 +362,10 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
         if let Some(listener) = metrics_listener {
             match crate::metrics::install(opts.config.sample_interval) {
                 Ok(handle) => {
+                    // The address as bound: with port 0 this is where the OS put it.
+                    if let Ok(addr) = listener.local_addr() {
+                        info!("metrics on http://{addr}/metrics");
+                    }
                     crate::metrics::serve(listener, handle.clone());
                     master.metrics = Some(handle);
                 }

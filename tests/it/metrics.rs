@@ -749,3 +749,35 @@ fn a_real_prometheus_scrapes_the_master() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `--metrics 127.0.0.1:0`: the master says where the OS put the endpoint, and it answers
+/// there.
+#[test]
+fn metrics_on_port_zero_are_logged_where_they_listen() {
+    let m = run(&[
+        "-i",
+        "1",
+        "--ready-after",
+        "50ms",
+        "--metrics",
+        "127.0.0.1:0",
+        "--",
+        FIXTURE,
+    ]);
+    let line = m.wait_log("metrics on http://127.0.0.1:");
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("an address in the log line")
+        .to_string();
+    m.wait_ready(1);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("processes_"), "{body}");
+}
