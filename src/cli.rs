@@ -84,6 +84,15 @@ impl ScaleArgs {
     /// `(n, min, max)` for the request.
     pub fn parse_size(&self) -> Result<ScaleSize, ConfigError> {
         if let Ok(n) = self.size.trim().parse::<i64>() {
+            if n == 0 {
+                return Err(err(
+                    "N",
+                    format!(
+                        "0 is not a size; `processes stop {}` stops the app",
+                        self.app
+                    ),
+                ));
+            }
             let n = config::check_instances(n).map_err(|m| err("N", m))?;
             return Ok((Some(n), None, None));
         }
@@ -134,18 +143,18 @@ pub struct StartArgs {
 pub struct ReloadArgs {
     /// Only this app (default: every app).
     pub app: Option<String>,
-    /// Workers replaced at a time.
-    #[arg(long)]
-    pub batch: Option<usize>,
+    /// Workers replaced at a time (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Option<u32>,
     #[command(flatten)]
     pub target: Target,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A fixed number of workers.
-    #[arg(short = 'i', long, value_name = "N")]
-    pub instances: Option<i64>,
+    /// A fixed number of workers, or `max` for one per CPU this master may use.
+    #[arg(short = 'i', long, value_name = "N|max")]
+    pub instances: Option<String>,
     /// Size the pool between these bounds, e.g. min=2,max=16.
     #[arg(long, value_name = "min=A,max=B")]
     pub autoscale: Option<String>,
@@ -213,6 +222,17 @@ pub struct RunArgs {
 }
 
 const ORIGIN: &str = "command line";
+
+/// `-i N`, or `-i max` (PM2's spelling) for as many workers as CPUs this process may run
+/// on.
+fn parse_instances(s: &str) -> Result<i64, String> {
+    if s.trim() == "max" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()) as i64);
+    }
+    s.trim()
+        .parse::<i64>()
+        .map_err(|_| format!("`{s}` is not a number of workers; give N, or max for one per CPU"))
+}
 
 fn err(field: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::new(ORIGIN, field, msg)
@@ -321,7 +341,7 @@ impl RunArgs {
             config::check_cwd(cwd).map_err(|m| err("--cwd", m))?;
         }
         config::check_command(&self.command, self.cwd.as_deref()).map_err(|m| err("COMMAND", m))?;
-        let sizing = match (self.instances, &self.autoscale) {
+        let sizing = match (self.instances.as_deref(), &self.autoscale) {
             (Some(_), Some(_)) => {
                 return Err(err(
                     "--autoscale",
@@ -329,6 +349,7 @@ impl RunArgs {
                 ));
             }
             (Some(n), None) => {
+                let n = parse_instances(n).map_err(|m| err("-i/--instances", m))?;
                 Sizing::Fixed(config::check_instances(n).map_err(|m| err("-i/--instances", m))?)
             }
             (None, Some(s)) => {

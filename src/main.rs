@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Command::Reload(a) => {
             let req = Request::Reload {
                 app: a.app.clone(),
-                batch: a.batch,
+                batch: a.batch.map(|b| b as usize),
             };
             let path = match a.target.resolve() {
                 Ok(p) => p,

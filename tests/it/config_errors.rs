@@ -71,6 +71,14 @@ fn bad_flags() {
             "processes: command line: -i/--instances: 5000 is above the limit of 1024",
         ),
         (
+            &["run", "-i", "many", "--", f],
+            "processes: command line: -i/--instances: `many` is not a number of workers; give N, or max for one per CPU",
+        ),
+        (
+            &["scale", "web", "0"],
+            "processes: command line: N: 0 is not a size; `processes stop web` stops the app",
+        ),
+        (
             &["run", "-i", "2", "--autoscale", "min=1,max=2", "--", f],
             "processes: command line: --autoscale: cannot be combined with -i/--instances; keep one",
         ),

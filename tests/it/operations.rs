@@ -544,3 +544,11 @@ fn a_config_file_change_of_instances_resizes_the_app() {
     m.wait_log("sized: 3 → 1 workers (config reload)");
     m.wait_ready(1);
 }
+
+/// `-i max`, as in PM2: one worker per CPU the master may use.
+#[test]
+fn instances_max_runs_one_worker_per_cpu() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let m = run(&["-i", "max", "--ready-after", "50ms", "--", FIXTURE]);
+    m.wait_ready(cpus);
+}
