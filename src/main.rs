@@ -104,6 +104,12 @@ fn main() -> ExitCode {
                 )
             },
         ),
+        Command::Top(_) if !std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
+            eprintln!(
+                "processes: top needs a terminal; in scripts use `processes status` (or `status --json`)"
+            );
+            ExitCode::from(2)
+        }
         Command::Top(t) => match t.resolve() {
             Ok(path) => match processes::top::run(&path) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,10 @@ fn bad_flags() {
             "processes: command line: -i/--instances: `many` is not a number of workers; give N, or max for one per CPU",
         ),
         (
+            &["top"],
+            "processes: top needs a terminal; in scripts use `processes status` (or `status --json`)",
+        ),
+        (
             &["scale", "web", "0"],
             "processes: command line: N: 0 is not a size; `processes stop web` stops the app",
         ),
