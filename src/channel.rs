@@ -129,6 +129,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn push_fds(&mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Result<(), Violation> {
+        // (Fds left here when the channel ends are closed off the loop: see `Drop`.)
         self.fds.extend(fds);
         if self.fds.len() > MAX_PENDING_FDS {
             return Err(Violation::UnexpectedFds);
@@ -169,6 +170,15 @@ impl Decoder {
         }
         self.buf.extend_from_slice(rest);
         Ok(out)
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        // A worker's fds that no message claimed: their close may block (SO_LINGER).
+        for fd in self.fds.drain(..) {
+            crate::unix::close_later(fd);
+        }
     }
 }
 

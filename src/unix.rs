@@ -103,3 +103,36 @@ pub fn cloexec_inherited_fds() {
         );
     }
 }
+
+/// Closes an fd a worker sent us on a thread of its own, never on the loop: the last
+/// close of a socket with `SO_LINGER` set and unsent data blocks for the linger time, and
+/// a worker chooses both. Such fds are rare (Node workers send none in normal use), so
+/// one thread woken per fd costs nothing that matters.
+pub fn close_later(fd: std::os::fd::OwnedFd) {
+    use std::sync::mpsc;
+    use std::sync::{Mutex, OnceLock};
+    static CLOSER: OnceLock<Mutex<Option<mpsc::Sender<std::os::fd::OwnedFd>>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<std::os::fd::OwnedFd>();
+        let started = std::thread::Builder::new()
+            .name("processes-closer".into())
+            .spawn(move || rx.into_iter().for_each(drop));
+        Mutex::new(started.ok().map(|_| tx))
+    });
+    let tx = closer.lock().ok().and_then(|g| g.clone());
+    match tx {
+        Some(tx) => {
+            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
+                disarm_linger(&fd);
+            }
+        }
+        // No thread (could not start one): make the close not wait, then close here.
+        None => disarm_linger(&fd),
+    }
+}
+
+/// Makes the last close of this socket return at once (and the kernel finish sending in
+/// the background), whatever `SO_LINGER` a worker set on its copy. Not a socket: nothing.
+pub fn disarm_linger(fd: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(fd).set_linger(None);
+}

@@ -1384,14 +1384,14 @@ impl Master {
     }
 
     fn requeue_in_flight(&mut self, mut io: WorkerIo) {
-        if let Some(c) = io.conn.take()
-            && !c.acked
-        {
-            self.listeners[c.listener].queue.push_front(Queued {
+        match io.conn.take() {
+            Some(c) if !c.acked => self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
                 permit: c.permit,
                 refused: c.refused,
-            });
+            }),
+            Some(c) => protocol::close_conn(c),
+            None => {}
         }
     }
 }

@@ -43,7 +43,9 @@ impl Master {
                 } else {
                     node::handle_nack()
                 };
-                drop(fd);
+                if let Some(fd) = fd {
+                    unix::close_later(fd);
+                }
                 self.send_raw(id, answer, None);
             }
             FromWorker::Online { .. } => {
@@ -137,7 +139,9 @@ impl Master {
             c.acked = true;
             if c.seq.is_none() {
                 // A plain connection is done once the worker has it.
-                io.conn = None;
+                if let Some(c) = io.conn.take() {
+                    close_conn(c);
+                }
             }
         }
         self.release_held(id);
@@ -203,7 +207,7 @@ impl Master {
         };
         let app = io.app;
         if accepted == Some(true) {
-            drop(c);
+            close_conn(c);
         } else if c.refused + 1 >= MAX_CONN_REFUSALS {
             // Refused again and again (no worker has a server for it): closing it is
             // better than passing it round for ever. Logged at the 1st, 2nd, 4th… such.
@@ -218,6 +222,7 @@ impl Master {
                 );
             }
             crate::metrics::violation(self.pools[app].spec.name.as_str(), "refused_connection");
+            close_conn(c);
         } else {
             // The worker would not take it (its server is closing, or it is at
             // maxConnections): someone else gets it.
@@ -536,6 +541,13 @@ impl Master {
         );
         self.send_raw(id, value, Some(copy));
     }
+}
+
+/// Lets go of the master's copy of a connection a worker has had. The worker may have set
+/// `SO_LINGER` on its copy and closed it: our close, the last, must not wait for that.
+pub(super) fn close_conn(c: ConnInFlight) {
+    unix::disarm_linger(c.fd.as_ref());
+    drop(c);
 }
 
 /// Binds what a Node worker asked for: `null` means every address (`::`, dual-stack, as

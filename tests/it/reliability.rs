@@ -1152,6 +1152,27 @@ fn a_worker_sending_fds_without_messages_is_cut_off_and_the_fds_closed() {
 /// master acknowledges and ignores them (a worker has no business sending handles), closes
 /// every fd it was given, and the worker's channel stays usable: it is still passed
 /// connections afterwards.
+/// A worker sends a socket set to linger 30 s on close with data it cannot send, and then
+/// closes its own copy: the master's close is the last one. Done on the loop it would stop
+/// the master for 30 s; the master answers status at once and the others carry on.
+#[test]
+fn a_lingering_socket_from_a_worker_does_not_block_the_master() {
+    let mut h = Hostile::start(&["send-lingering-fd=30", "park"], "");
+    h.m.wait_status("bad running", |s| app_named(s, "bad")["size"] == 1);
+    // Long enough for the master to have read and answered the handle.
+    let t0 = Instant::now();
+    let (ok, _) = h.good_carried_on("a lingering socket");
+    let took = t0.elapsed();
+    report(
+        "hostile: SO_LINGER 30 s socket",
+        format!("good answered {ok}; the whole check took {took:?}"),
+    );
+    assert!(
+        took < Duration::from_secs(25),
+        "the master was blocked: {took:?}"
+    );
+}
+
 /// A worker that sends 20 000 `NODE_HANDLE`s without an fd and never reads its channel:
 /// the master's answers (a NACK each) pile up for it. Past 4096 waiting, the channel is cut
 /// off as a violation instead of the master holding them all; the others carry on.
