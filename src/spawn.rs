@@ -187,6 +187,12 @@ fn exec_in_child(a: &mut ExecArgs) -> io::Result<()> {
         return Err(io::Error::other("the master exited during the fork"));
     }
 
+    // The master's loop runs under SCHED_BATCH (see `unix::batch_scheduling`); a worker
+    // gets the ordinary policy, as if started by anyone else.
+    let other = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on ourselves with a valid sched_param; no memory effects.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+
     // Move every inherited fd out of the way first, then into place: a source fd may
     // itself sit at one of the target numbers.
     let n = a.fds.len() as RawFd;

@@ -136,3 +136,18 @@ pub fn close_later(fd: std::os::fd::OwnedFd) {
 pub fn disarm_linger(fd: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(fd).set_linger(None);
 }
+
+/// Puts the calling thread (and threads it starts afterwards) under `SCHED_BATCH`: the
+/// same CPU share as before, but its wake-ups do not preempt whatever is running. The
+/// master wakes once or twice per connection it passes; preempting a worker each time cost
+/// both throughput and tail latency on a busy machine (BENCHMARKS.md, "The p99"), while on
+/// an idle CPU a wake-up runs at once anyway. Workers are put back to the ordinary policy
+/// before they exec. Fails only where the policy does not exist; the caller carries on.
+pub fn batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -296,6 +296,10 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
     // runs on the loop's own thread: a connection goes from accept to the worker's channel
     // without a single cross-thread wake-up. Worker output, which a flood can make heavy,
     // is read on a runtime of its own so that it never competes with the loop.
+    // Before any thread starts, so that they all inherit it; workers are reset at spawn.
+    if let Err(e) = unix::batch_scheduling() {
+        debug!("SCHED_BATCH not available ({e}); the loop keeps the ordinary policy");
+    }
     let output_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_io()

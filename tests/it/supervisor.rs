@@ -462,3 +462,15 @@ fn several_apps_run_in_one_master() {
     });
     assert!(get(port).unwrap().starts_with("slot="));
 }
+
+/// The master's loop runs under SCHED_BATCH (its wake-ups do not preempt the workers), and
+/// the workers it starts under the ordinary policy, as if anyone else had started them.
+#[test]
+fn the_loop_runs_sched_batch_and_its_workers_the_ordinary_policy() {
+    let m = run(&["-i", "1", "--ready-after", "50ms", "--", FIXTURE]);
+    let s = m.wait_ready(1);
+    // SAFETY: sched_getscheduler only reads another process's policy.
+    let policy = |pid: i32| unsafe { libc::sched_getscheduler(pid) };
+    assert_eq!(policy(m.pid()), libc::SCHED_BATCH);
+    assert_eq!(policy(pids(&s)[0]), libc::SCHED_OTHER);
+}
