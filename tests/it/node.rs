@@ -816,6 +816,13 @@ fn a_killed_workers_share_moves_to_the_others_without_a_failed_request() {
 /// everything.
 #[test]
 fn workers_asking_for_one_port_in_different_ways_are_each_served() {
+    let (m, port, ready) = two_workers_on_a_configured_port("http.js", "HOST_SLOT1=0.0.0.0");
+    each_serves_a_fair_part(&m, port, &ready);
+}
+
+/// Two Node workers of `script` with `env` (`K=V`), the app listening on a port the
+/// master picks; returns the master, the port and the ready pids.
+fn two_workers_on_a_configured_port(script: &str, env: &str) -> (Master, u16, Vec<i32>) {
     let m = run(&[
         "-i",
         "2",
@@ -824,17 +831,22 @@ fn workers_asking_for_one_port_in_different_ways_are_each_served() {
         "--ready-after",
         "20s",
         "--env",
-        "HOST_SLOT1=0.0.0.0",
+        env,
         "--",
         "node",
-        &app("http.js"),
+        &app(script),
     ]);
     let port = m.port();
     let ready = pids(&m.wait_ready(2));
-    // Each worker serves a fair part (a worker sent keys it does not have served none).
-    // Not the 1.15 evenness bound: two workers on a machine loaded by other tests drift.
-    let counts = spread(&m, port, 400, 4);
-    for p in &ready {
+    (m, port, ready)
+}
+
+/// Each worker serves a fair part of 400 connections (one sent keys it does not have
+/// serves none). Not the 1.15 evenness bound: two workers on a machine loaded by other
+/// tests drift.
+fn each_serves_a_fair_part(m: &Master, port: u16, ready: &[i32]) {
+    let counts = spread(m, port, 400, 4);
+    for p in ready {
         let n = counts.get(p).copied().unwrap_or(0);
         assert!(n >= 100, "worker {p} served {n} of 400: {counts:?}");
     }
@@ -845,30 +857,10 @@ fn workers_asking_for_one_port_in_different_ways_are_each_served() {
 /// every worker under the key its server asked with.
 #[test]
 fn made_up_keys_neither_divert_connections_nor_grow_the_master() {
-    let m = run(&[
-        "-i",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--ready-after",
-        "20s",
-        "--env",
-        "ODD_KEYS=after",
-        "--",
-        "node",
-        &app("odd_keys.js"),
-    ]);
-    let port = m.port();
-    let ready = pids(&m.wait_ready(2));
+    let (m, port, ready) = two_workers_on_a_configured_port("odd_keys.js", "ODD_KEYS=after");
     m.wait_log("already asked for this port in 16 different ways");
     m.wait_log("its address is 6");
-    // Each worker serves a fair part (a worker sent keys it does not have served none).
-    // Not the 1.15 evenness bound: two workers on a machine loaded by other tests drift.
-    let counts = spread(&m, port, 400, 4);
-    for p in &ready {
-        let n = counts.get(p).copied().unwrap_or(0);
-        assert!(n >= 100, "worker {p} served {n} of 400: {counts:?}");
-    }
+    each_serves_a_fair_part(&m, port, &ready);
 }
 
 /// A worker whose first key for the port names no server of its own refuses every
