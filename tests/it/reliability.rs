@@ -1304,7 +1304,20 @@ fn a_worker_asking_for_thousands_of_listeners_cannot_exhaust_the_masters_fds() {
         lines[12].1
     );
     let (ok, _) = h.good_carried_on("queryServer flood");
-    assert_eq!(h.m.out.matching(why).len(), 13);
+    // The worker does not read the 5000 refusals sent back; where the kernel buffers fewer
+    // than 5000 - 4096 of them it is cut off for not reading and replaced, and the next
+    // one floods again: at most 13 lines per worker started.
+    let starts =
+        h.m.out
+            .matching("[bad:0] pid")
+            .iter()
+            .filter(|(_, l)| l.ends_with(" started"))
+            .count();
+    let logged = h.m.out.matching(why).len();
+    assert!(
+        logged <= 13 * starts,
+        "{logged} refusal lines for {starts} workers"
+    );
     report(
         "hostile: 5000 queryServer",
         format!("master fds {fds}, good answered {ok}"),
