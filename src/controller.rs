@@ -532,6 +532,19 @@ pub fn step(state: &State, obs: &Observation, now: Instant, params: &Params) -> 
     )
 }
 
+/// The pool target a decision leaves, given the workers alive it was made from (`live`)
+/// and the target before. The controller sizes from the workers alive, and a slot whose
+/// worker crashed and waits to restart is not among them: holding or growing from that
+/// smaller count must not take the slot away (the crash is the supervisor's to mend).
+/// Only a decision to go below the live count lowers the target; `upper` still caps it.
+pub fn next_target(desired: usize, live: usize, before: usize, upper: usize) -> usize {
+    if desired < live {
+        desired
+    } else {
+        desired.max(before.min(upper.max(desired)))
+    }
+}
+
 /// The PI loop's proposal for this tick.
 struct Proposal {
     size: usize,
@@ -1180,5 +1193,19 @@ mod tests {
             ]
         );
         assert_eq!(Bound::HostCpuSaturated.label(), "host_cpu_saturated");
+    }
+    #[test]
+    fn a_crashed_slot_is_not_taken_away_by_a_hold() {
+        // Target 2, one worker crashed and waits to restart: the controller holds at the
+        // one alive; the target stays 2.
+        assert_eq!(next_target(1, 1, 2, 4), 2);
+        // Growing from the live count keeps the larger target too.
+        assert_eq!(next_target(3, 2, 4, 8), 4);
+        // A real decision to shrink below the live workers is applied.
+        assert_eq!(next_target(1, 2, 3, 4), 1);
+        // Growth beyond the target is applied.
+        assert_eq!(next_target(5, 3, 3, 8), 5);
+        // The machine bound still caps what is kept.
+        assert_eq!(next_target(2, 2, 4, 2), 2);
     }
 }

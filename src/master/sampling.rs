@@ -346,8 +346,9 @@ impl Master {
         let (state, decision) = controller::step(&auto.state, &obs, now, &auto.params);
         auto.state = state;
         let before = pool.target;
-        if decision.desired != before {
-            let after = self.pools[app].set_target(decision.desired);
+        let target = controller::next_target(decision.desired, obs.size, before, decision.upper);
+        if target != before {
+            let after = self.pools[app].set_target(target);
             if after != before {
                 info!("{name}: {before} → {after} workers ({decision})");
                 record::scale(name.as_str(), before, after, decision.reason.label());

@@ -162,3 +162,41 @@ fn node_workers_report_load_through_the_preload() {
     );
     assert!(s["sample"]["ticks"].as_u64().unwrap() > 0);
 }
+
+/// A worker of an autoscaled pool crashes and waits out its backoff: the controller, which
+/// sizes from the workers alive, must not take the empty slot away (it used to "hold" at
+/// the one left and shrink the pool); the slot restarts and the pool is whole again.
+#[test]
+fn a_crash_in_an_autoscaled_pool_is_restarted_not_scaled_away() {
+    let mut m = run_config(
+        r#"
+        sample_interval = "100ms"
+        [apps.web]
+        command = ["{fixture}"]
+        ready_after = "50ms"
+        autoscale = { min = 1, max = 4, cpu_factor = 8, down_window = "10m" }
+        [apps.web.backoff]
+        initial = "2s"
+        max = "2s"
+        "#,
+        &[],
+    );
+    m.wait_ready(1);
+    m.signal(libc::SIGTTIN);
+    let s = m.wait_ready(2);
+    let victim = pids(&s)[0];
+    kill(victim, libc::SIGKILL);
+    m.wait_log("was killed by SIGKILL");
+    // Ten ticks or more pass while the slot waits (1–2 s); then it is back.
+    m.wait_status("the crashed slot back", |s| {
+        s["apps"][0]["ready"] == 2 && !pids(s).contains(&victim)
+    });
+    assert!(
+        m.out.matching("2 → 1 workers").is_empty(),
+        "{}",
+        m.out.text()
+    );
+    let (code, _, _) = cli(&m, &["stop"]);
+    assert_eq!(code, Some(0));
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
