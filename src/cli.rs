@@ -113,8 +113,9 @@ pub type ScaleSize = (Option<usize>, Option<usize>, Option<usize>);
 #[derive(Debug, Args)]
 pub struct RestartArgs {
     pub app: String,
-    /// The worker's slot (`processes status` shows them).
-    pub slot: u32,
+    /// The worker's slot (`processes status` shows them); without it, every worker of the
+    /// app, one at a time (a rolling reload, as `processes reload APP`).
+    pub slot: Option<u32>,
     #[command(flatten)]
     pub target: Target,
 }

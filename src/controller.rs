@@ -343,6 +343,10 @@ impl fmt::Display for Reason {
             Reason::Deadband { u, target } => {
                 write!(f, "utilization {u:.2} ≈ {target:.2} (deadband)")
             }
+            // With one worker left carrying load, "one fewer" is none: no figure to give.
+            Reason::Floor { after, .. } if !after.is_finite() || *after >= f64::MAX / 2.0 => {
+                f.write_str("floor: the one worker left carries load")
+            }
             Reason::Floor { after, limit } => {
                 write!(f, "floor: one fewer would run at {after:.2} > {limit:.2}")
             }
@@ -1194,6 +1198,20 @@ mod tests {
         );
         assert_eq!(Bound::HostCpuSaturated.label(), "host_cpu_saturated");
     }
+    #[test]
+    fn the_floor_with_one_worker_names_no_infinite_figure() {
+        for after in [f64::INFINITY, f64::MAX] {
+            let text = Reason::Floor { after, limit: 0.66 }.to_string();
+            assert_eq!(text, "floor: the one worker left carries load");
+        }
+        let text = Reason::Floor {
+            after: 0.8,
+            limit: 0.66,
+        }
+        .to_string();
+        assert_eq!(text, "floor: one fewer would run at 0.80 > 0.66");
+    }
+
     #[test]
     fn a_crashed_slot_is_not_taken_away_by_a_hold() {
         // Target 2, one worker crashed and waits to restart: the controller holds at the

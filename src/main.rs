@@ -74,36 +74,25 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Reload(a) => {
-            let req = Request::Reload {
-                app: a.app.clone(),
-                batch: a.batch.map(|b| b as usize),
-            };
-            let path = match a.target.resolve() {
-                Ok(p) => p,
-                Err(e) => return fail(&e),
-            };
-            match control::request_with_progress(&path, &req, |line| println!("{line}")) {
-                Ok(d) => {
-                    println!("reload done: {} workers replaced", d["replaced"]);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
+        Command::Reload(a) => reload(&a.target, a.app.clone(), a.batch.map(|b| b as usize)),
+        // `restart APP` without a slot restarts them all, as PM2 does: a rolling reload.
+        Command::Restart(a) if a.slot.is_none() => reload(&a.target, Some(a.app.clone()), None),
+        Command::Restart(a) => {
+            let slot = a.slot.unwrap_or_default();
+            client(
+                &a.target,
+                &Request::Restart {
+                    app: a.app.clone(),
+                    slot,
+                },
+                |_| {
+                    println!(
+                        "{} slot {slot}: replacement starting; the old worker drains once it is ready",
+                        a.app
+                    )
+                },
+            )
         }
-        Command::Restart(a) => client(
-            &a.target,
-            &Request::Restart {
-                app: a.app.clone(),
-                slot: a.slot,
-            },
-            |_| {
-                println!(
-                    "{} slot {}: replacement starting; the old worker drains once it is ready",
-                    a.app, a.slot
-                )
-            },
-        ),
         Command::Top(_) if !std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
             eprintln!(
                 "processes: top needs a terminal; in scripts use `processes status` (or `status --json`)"
@@ -161,6 +150,26 @@ fn init_logging() {
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("processes: {}", error_chain(e));
     ExitCode::from(2)
+}
+
+/// `processes reload [APP]`: prints the master's progress lines, then the outcome.
+fn reload(target: &processes::cli::Target, app: Option<String>, batch: Option<usize>) -> ExitCode {
+    let path = match target.resolve() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let req = Request::Reload { app, batch };
+    match control::request_with_progress(&path, &req, |line| println!("{line}")) {
+        Ok(d) => {
+            let n = d["replaced"].as_u64().unwrap_or(0);
+            println!(
+                "reload done: {n} worker{} replaced",
+                if n == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 /// `processes stop [APP]`: asks, then waits (like `systemctl stop`) until the app's
@@ -233,8 +242,14 @@ fn print_status(data: &serde_json::Value) {
         other => other.to_string(),
     };
     for app in data["apps"].as_array().unwrap_or(&empty) {
+        // An autoscaled pool capped below its max by the machine says so.
+        let upper = app["autoscale"]["decision"]["upper"].as_u64();
+        let cap = match (upper, app["max"].as_u64()) {
+            (Some(u), Some(max)) if u < max => format!(" (at most {u} here: machine bound)"),
+            _ => String::new(),
+        };
         println!(
-            "{}  size {} (ready {})  desired {}  bounds {}..{}  dispatch {}{}",
+            "{}  size {} (ready {})  desired {}  bounds {}..{}{cap}  dispatch {}{}",
             text(&app["name"]),
             app["size"],
             app["ready"],

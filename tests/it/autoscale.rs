@@ -87,6 +87,17 @@ fn a_cpu_bound_app_grows_to_the_cpu_bound_and_back_to_min() {
         change["decision"]["upper"].as_u64().unwrap() as usize <= bound,
         "{change}"
     );
+    // The text status says the machine caps it below max.
+    let upper = change["decision"]["upper"].as_u64().unwrap();
+    if upper < 8 {
+        let (_, stdout, _) = cli(&m, &["status"]);
+        assert!(
+            stdout.contains(&format!(
+                "bounds 1..8 (at most {upper} here: machine bound)"
+            )),
+            "{stdout}"
+        );
+    }
 
     // Idle again: back to min, one worker at a time, most idle first.
     let s = m.wait_status("the pool back at min", |s| {

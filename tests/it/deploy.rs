@@ -130,7 +130,9 @@ fn max_grace(config: &processes::config::Config) -> Duration {
 
 // ---- `processes` invocations and their flags ----------------------------------------------
 
-const SUBCOMMANDS: [&str; 7] = ["run", "status", "scale", "reload", "restart", "stop", "top"];
+const SUBCOMMANDS: [&str; 8] = [
+    "run", "status", "scale", "reload", "restart", "stop", "start", "top",
+];
 
 /// One `processes SUB --flag value …` found in a file (comments included).
 #[derive(Debug)]

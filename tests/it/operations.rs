@@ -552,3 +552,22 @@ fn instances_max_runs_one_worker_per_cpu() {
     let m = run(&["-i", "max", "--ready-after", "50ms", "--", FIXTURE]);
     m.wait_ready(cpus);
 }
+
+/// `processes restart APP` without a slot restarts every worker of the app one at a time,
+/// as PM2's `restart` does (a rolling reload).
+#[test]
+fn restart_without_a_slot_restarts_every_worker() {
+    let m = run(&["-i", "2", "--ready-after", "50ms", "--", FIXTURE]);
+    let before = pids(&m.wait_ready(2));
+    let (code, stdout, stderr) = cli(&m, &["restart", "processes-fixture"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("reload done: 2 workers replaced"),
+        "{stdout}"
+    );
+    let after = pids(&m.wait_ready(2));
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} → {after:?}"
+    );
+}
