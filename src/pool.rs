@@ -227,6 +227,16 @@ impl Pool {
             .count()
     }
 
+    /// Slots with a worker alive (starting or ready). A slot whose worker is being
+    /// replaced (a reload, a memory limit) has two for a while and counts once: the
+    /// controller sizes the pool in slots, and a reload is not load.
+    pub fn live_slots(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.current.is_some() || s.incoming.is_some())
+            .count()
+    }
+
     pub fn ready(&self) -> usize {
         self.workers
             .values()

@@ -330,7 +330,7 @@ impl Master {
             .filter(|w| w.state == WorkerState::Starting)
             .count();
         let obs = Observation {
-            size: pool.size(),
+            size: pool.live_slots(),
             ready: pool.ready(),
             starting,
             utilization,

@@ -211,3 +211,35 @@ fn a_crash_in_an_autoscaled_pool_is_restarted_not_scaled_away() {
     assert_eq!(code, Some(0));
     assert!(m.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// A rolling reload of an idle autoscaled pool: while a slot's replacement starts, the slot
+/// has two workers, but the pool is not bigger. The controller must not grow it (it used to
+/// "hold" at the two it counted and keep a second worker until the down window passed).
+#[test]
+fn a_reload_does_not_grow_an_autoscaled_pool() {
+    let m = run_config(
+        r#"
+        sample_interval = "100ms"
+        [apps.web]
+        command = ["{fixture}"]
+        ready_after = "500ms"
+        autoscale = { min = 1, max = 4, cpu_factor = 8, down_window = "10m" }
+        "#,
+        &[],
+    );
+    let before = pids(&m.wait_ready(1));
+    let (code, stdout, stderr) = cli(&m, &["reload"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("reload done: 1 worker replaced"),
+        "{stdout}"
+    );
+    let after = m.wait_ready(1);
+    assert_ne!(pids(&after), before);
+    assert_eq!(after["apps"][0]["desired"], 1, "{after}");
+    assert!(
+        m.out.matching("1 → 2 workers").is_empty(),
+        "{}",
+        m.out.text()
+    );
+}
