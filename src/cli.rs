@@ -228,7 +228,7 @@ const ORIGIN: &str = "command line";
 /// on.
 fn parse_instances(s: &str) -> Result<i64, String> {
     if s.trim() == "max" {
-        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()) as i64);
+        return Ok(config::instances_max());
     }
     s.trim()
         .parse::<i64>()

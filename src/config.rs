@@ -890,7 +890,7 @@ fn parse_app(
         _ => PathBuf::from(c),
     });
     let env = f.take_env("env")?;
-    let instances = f.take_int("instances")?;
+    let instances = f.take_instances("instances")?;
     let (autoscale, tuning) = f.take_autoscale("autoscale")?;
     let listen = f.take_listen("listen")?;
     let grace = f.take_duration("grace")?.unwrap_or(DEFAULT_GRACE);
@@ -1151,6 +1151,19 @@ impl Fields {
         }
     }
 
+    /// A whole number of instances, or `"max"` (one per CPU, as `-i max`).
+    fn take_instances(&mut self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.table.remove(key) {
+            Some(toml::Value::String(s)) if s == "max" => Ok(Some(instances_max())),
+            Some(v) => {
+                self.table.insert(key.to_string(), v);
+                self.take_int(key)
+                    .map_err(|_| self.err(key, "expected a whole number or \"max\""))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn take_float(&mut self, key: &str) -> Result<Option<f64>, ConfigError> {
         match self.table.remove(key) {
             None => Ok(None),
@@ -1328,9 +1341,36 @@ impl Fields {
     }
 }
 
+/// `max` as a number of instances (PM2's spelling): one per CPU this process may run on.
+pub fn instances_max() -> i64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_may_be_max() {
+        let c = parse_str(
+            "[apps.w]\ncommand = [\"sh\"]\ninstances = \"max\"\n",
+            "t",
+            None,
+        );
+        let want = Sizing::Fixed(instances_max() as usize);
+        assert_eq!(c.map(|c| c.apps[0].sizing), Ok(want));
+        let e = parse_str(
+            "[apps.w]\ncommand = [\"sh\"]\ninstances = \"many\"\n",
+            "t",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("instances: expected a whole number or \"max\""),
+            "{e}"
+        );
+    }
 
     #[test]
     fn durations() {
