@@ -190,6 +190,9 @@ struct Master {
     config_file: Option<std::path::PathBuf>,
     /// The config file's modification time when last read: a change reloads what changed.
     config_mtime: Option<std::time::SystemTime>,
+    /// The file changed while a changed app was still reloading: read it again next tick
+    /// (without repeating what was already said about it).
+    config_retry: bool,
     control_path: std::path::PathBuf,
     sampling: sampling::Sampling,
     /// Per app: the autoscaling controller, for pools sized by load.
@@ -350,6 +353,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 .file
                 .as_ref()
                 .and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
+            config_retry: false,
             control_path: control_path.clone(),
             sampling: sampling::Sampling::new(opts.config.sample_interval),
             autos: opts.config.apps.iter().map(sampling::Auto::new).collect(),
@@ -1184,10 +1188,12 @@ impl Master {
         let Ok(mtime) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
             return;
         };
-        if self.config_mtime == Some(mtime) {
+        let edited = self.config_mtime != Some(mtime);
+        if !edited && !self.config_retry {
             return;
         }
         self.config_mtime = Some(mtime);
+        self.config_retry = false;
         let fresh = match crate::config::load_file(&path) {
             Ok(c) => c,
             Err(e) => {
@@ -1200,7 +1206,7 @@ impl Master {
             }
         };
         for a in &fresh.apps {
-            if !self.pools.iter().any(|p| p.spec.name == a.name) {
+            if edited && !self.pools.iter().any(|p| p.spec.name == a.name) {
                 warn!(
                     "{}: apps.{} is new; adding an app needs a restart of the master, so it is not started",
                     path.display(),
@@ -1218,10 +1224,8 @@ impl Master {
                     .is_some_and(|a| a != current)
             })
             .partition(|&i| self.pools[i].reload.is_none());
-        if !reloading.is_empty() {
-            // Changed again while a reload runs: look at the file again once it is done.
-            self.config_mtime = None;
-        }
+        // Changed again while a reload runs: look at the file again once it is done.
+        self.config_retry = !reloading.is_empty();
         if changed.is_empty() {
             return;
         }

@@ -540,9 +540,12 @@ fn a_config_file_change_of_instances_resizes_the_app() {
     m.wait_log("sized: 2 → 3 workers (config reload)");
     m.wait_log("apps.extra is new; adding an app needs a restart of the master");
     // Changed again while that reload still runs: applied once it is done, not lost.
-    std::fs::write(m.path().join("processes.toml"), config(1, "")).unwrap();
+    std::fs::write(m.path().join("processes.toml"), config(1, &added)).unwrap();
     m.wait_log("sized: 3 → 1 workers (config reload)");
     m.wait_ready(1);
+    // Said once per edit, not again at each tick that looked at the file while waiting.
+    let new_app = "apps.extra is new";
+    assert_eq!(m.out.matching(new_app).len(), 2, "{}", m.out.text());
 }
 
 /// `-i max`, as in PM2: one worker per CPU the master may use.
