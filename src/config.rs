@@ -1154,13 +1154,10 @@ impl Fields {
     /// A whole number of instances, or `"max"` (one per CPU, as `-i max`).
     fn take_instances(&mut self, key: &str) -> Result<Option<i64>, ConfigError> {
         match self.table.remove(key) {
-            Some(toml::Value::String(s)) if s == "max" => Ok(Some(instances_max())),
-            Some(v) => {
-                self.table.insert(key.to_string(), v);
-                self.take_int(key)
-                    .map_err(|_| self.err(key, "expected a whole number or \"max\""))
-            }
             None => Ok(None),
+            Some(toml::Value::Integer(i)) => Ok(Some(i)),
+            Some(toml::Value::String(s)) if s == "max" => Ok(Some(instances_max())),
+            Some(v) => Err(self.type_err(key, "a whole number or \"max\"", &v)),
         }
     }
 
