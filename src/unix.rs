@@ -109,25 +109,23 @@ pub fn cloexec_inherited_fds() {
 /// a worker chooses both. Such fds are rare (Node workers send none in normal use), so
 /// one thread woken per fd costs nothing that matters.
 pub fn close_later(fd: std::os::fd::OwnedFd) {
-    use std::sync::mpsc;
-    use std::sync::{Mutex, OnceLock};
-    static CLOSER: OnceLock<Mutex<Option<mpsc::Sender<std::os::fd::OwnedFd>>>> = OnceLock::new();
+    use std::sync::{OnceLock, mpsc};
+    static CLOSER: OnceLock<Option<mpsc::Sender<std::os::fd::OwnedFd>>> = OnceLock::new();
     let closer = CLOSER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<std::os::fd::OwnedFd>();
-        let started = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("processes-closer".into())
-            .spawn(move || rx.into_iter().for_each(drop));
-        Mutex::new(started.ok().map(|_| tx))
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
     });
-    let tx = closer.lock().ok().and_then(|g| g.clone());
-    match tx {
-        Some(tx) => {
-            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
-                disarm_linger(&fd);
-            }
-        }
-        // No thread (could not start one): make the close not wait, then close here.
-        None => disarm_linger(&fd),
+    let unsent = match closer {
+        Some(tx) => tx.send(fd).err().map(|mpsc::SendError(fd)| fd),
+        None => Some(fd),
+    };
+    // No thread to take it: make the close not wait, then close here.
+    if let Some(fd) = unsent {
+        disarm_linger(&fd);
     }
 }
 
