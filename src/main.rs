@@ -75,11 +75,10 @@ fn main() -> ExitCode {
             })
         }
         Command::Reload(a) => reload(&a.target, a.app.clone(), a.batch.map(|b| b as usize)),
-        // `restart APP` without a slot restarts them all, as PM2 does: a rolling reload.
-        Command::Restart(a) if a.slot.is_none() => reload(&a.target, Some(a.app.clone()), None),
-        Command::Restart(a) => {
-            let slot = a.slot.unwrap_or_default();
-            client(
+        Command::Restart(a) => match a.slot {
+            // Without a slot it restarts them all, as PM2 does: a rolling reload.
+            None => reload(&a.target, Some(a.app.clone()), None),
+            Some(slot) => client(
                 &a.target,
                 &Request::Restart {
                     app: a.app.clone(),
@@ -91,8 +90,8 @@ fn main() -> ExitCode {
                         a.app
                     )
                 },
-            )
-        }
+            ),
+        },
         Command::Top(_) if !std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
             eprintln!(
                 "processes: top needs a terminal; in scripts use `processes status` (or `status --json`)"
