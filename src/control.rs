@@ -218,6 +218,8 @@ pub fn serve(listener: std::os::unix::net::UnixListener, events: mpsc::Sender<Ev
 /// Control connections being served; the master waits for them (briefly) before it
 /// exits, so that the client that asked it to stop hears its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Woken when the last of them is done.
+static ALL_DONE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 struct InFlight;
 
@@ -230,7 +232,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            ALL_DONE.notify_waiters();
+        }
     }
 }
 
@@ -238,12 +242,17 @@ impl Drop for InFlight {
 /// is being served, or `limit` has passed (a client that stops reading must not hold the
 /// master up).
 pub async fn drain(limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let _ = tokio::time::timeout(limit, async {
+        loop {
+            // Created before the count is read, so a wake-up in between is not missed.
+            let done = ALL_DONE.notified();
+            if IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    })
+    .await;
 }
 
 async fn write_reply(stream: &mut tokio::net::UnixStream, reply: &Reply) -> io::Result<()> {
