@@ -21,18 +21,26 @@
     histogram = null;
   }
 
-  // Open connections of every server in this process, for least-loaded dispatch.
-  let open = 0;
-  const emit = net.Server.prototype.emit;
-  net.Server.prototype.emit = function patchedEmit(event, socket) {
-    if (event === 'connection' && socket && typeof socket.once === 'function') {
-      open += 1;
-      socket.once('close', () => {
-        open -= 1;
-      });
-    }
-    return emit.apply(this, arguments);
+  // Open connections, for least-loaded dispatch: the sum over this process's servers of
+  // net.Server's own count (`_connections`, which Node's cluster worker also reads for
+  // maxConnections), taken at each report. Servers are noted when they listen, so a
+  // connection costs nothing here; counting them on their 'connection' events cost the
+  // worker about 1 µs of CPU per connection (BENCHMARKS.md).
+  const servers = new Set();
+  const listen = net.Server.prototype.listen;
+  net.Server.prototype.listen = function patchedListen() {
+    servers.add(this);
+    return listen.apply(this, arguments);
   };
+  function openConnections() {
+    let n = 0;
+    for (const s of servers) {
+      const c = s._connections > 0 ? s._connections : 0;
+      if (c === 0 && !s.listening) servers.delete(s); // closed; a new listen() adds it back
+      n += c;
+    }
+    return n;
+  }
 
   function send(msg) {
     try {
@@ -47,7 +55,7 @@
     const now = perf.performance.eventLoopUtilization();
     const delta = perf.performance.eventLoopUtilization(now, last);
     last = now;
-    const msg = { cmd: 'NODE_PROCESSES_METRICS', elu: delta.utilization, open };
+    const msg = { cmd: 'NODE_PROCESSES_METRICS', elu: delta.utilization, open: openConnections() };
     if (histogram) {
       // Each sample is a whole interval between timer ticks; lag is what exceeds it.
       const lag = (ns) => Math.max(0, ns / 1e6 - resolution);

@@ -747,6 +747,58 @@ fn least_loaded_dispatch_avoids_a_stuck_worker_under_concurrent_load() {
     assert!(counts.values().sum::<usize>() >= 30, "{counts:?}");
 }
 
+/// The preload reports the connections each worker's servers hold open (least-loaded
+/// dispatch goes by it): idle connections the app keeps open are counted while they are
+/// open, and no longer once the clients have closed them.
+#[test]
+fn node_workers_report_the_connections_they_hold_open() {
+    let m = run(&[
+        "-i",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready-after",
+        "20s",
+        "--sample-interval",
+        "100ms",
+        "--",
+        "node",
+        &app("http.js"),
+    ]);
+    let port = m.port();
+    m.wait_ready(2);
+    let open_sum = |s: &Value| -> u64 {
+        s["apps"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["open"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // Connections that never send a request: the server holds them, idle.
+    let held: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let s = m.wait_status("5 open connections reported", |s| open_sum(s) == 5);
+    // Both workers took some (round-robin), and each counts only its own.
+    let per_worker: Vec<u64> = s["apps"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["open"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(per_worker.iter().all(|&n| n >= 2), "{s}");
+    // Answered requests on fresh connections come and go.
+    for _ in 0..10 {
+        http_get(port, Duration::from_secs(5)).unwrap_or_else(|e| m.fail(&e.to_string()));
+    }
+    drop(held);
+    // Zero only once every connection, held or answered, has been let go.
+    m.wait_status("no open connection once the clients closed", |s| {
+        open_sum(s) == 0
+    });
+}
+
 /// Case 9: `kill -9` of a worker under sequential load, each time right after a response and
 /// before the next request (so nothing is in flight to it, but the master may not have
 /// noticed yet): no request fails, and the survivors take its share until its replacement
