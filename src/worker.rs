@@ -144,8 +144,10 @@ impl Channel {
                     };
                     self.send(&crate::node::handle_ack())?;
                     let mut meta = v.get("msg").cloned().unwrap_or(Value::Null);
-                    // A retransmission is wrapped twice.
+                    // Node's own sender wraps a retransmission once more (the master does
+                    // not) and expects an ACK for each envelope, as a Node child sends.
                     while meta.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE") {
+                        self.send(&crate::node::handle_ack())?;
                         meta = meta.get("msg").cloned().unwrap_or(Value::Null);
                     }
                     return Ok(Some(Message::Connection(Connection { fd, meta })));
@@ -194,5 +196,61 @@ impl Channel {
                 Some(Message::Other(_)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
+    };
+    use std::io::{BufRead, BufReader};
+
+    /// A handle inside two envelopes (how Node's own sender retransmits) is delivered once,
+    /// with the innermost message, and acknowledged once per envelope, as a Node child does
+    /// (`tests/it/node.rs`, `node_acks_each_envelope_of_a_handle`).
+    #[test]
+    fn a_handle_in_two_envelopes_is_delivered_once_and_acknowledged_twice() {
+        let (master, worker) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut ch = Channel {
+            fd: worker,
+            decoder: Decoder::default(),
+            ready: Default::default(),
+        };
+        ch.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let (passed, _keep) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let line = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"n\":7}}}\n";
+        sendmsg::<()>(
+            master.as_raw_fd(),
+            &[IoSlice::new(line)],
+            &[ControlMessage::ScmRights(&[passed.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let Some(Message::Connection(c)) = ch.recv().unwrap() else {
+            panic!("expected a connection");
+        };
+        assert_eq!(c.meta, serde_json::json!({"n": 7}));
+        drop(ch);
+        let replies: Vec<String> = BufReader::new(std::fs::File::from(master))
+            .lines()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(replies, vec![r#"{"cmd":"NODE_HANDLE_ACK"}"#; 2]);
     }
 }

@@ -191,10 +191,12 @@ impl Master {
             self.release_held(id);
             return;
         }
-        // Node wraps a retransmission in a second envelope; workers unwrap it.
-        let again = serde_json::json!({"cmd": "NODE_HANDLE", "type": "net.Native", "msg": h.value});
+        // Sent again exactly as it was. Node's own sender wraps a retransmission in a
+        // second envelope, but a Node child acknowledges every envelope that carries the
+        // handle, so that one handle would be acknowledged twice and the second ACK would
+        // count for the next handle (`node::node_acks_each_envelope_of_a_handle`).
         if let Some(ch) = io.channel.as_ref() {
-            ch.send(Outgoing::json(&again, Some(h.fd.clone())));
+            ch.send(Outgoing::json(&h.value, Some(h.fd.clone())));
         }
     }
 

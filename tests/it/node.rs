@@ -799,6 +799,94 @@ fn node_workers_report_the_connections_they_hold_open() {
     });
 }
 
+/// What a Node child does with a handle that comes inside a second envelope, the way
+/// Node's own sender retransmits one after a NACK: it acknowledges each envelope, so one
+/// handle gets two ACKs, and a sender that took the second for the next handle would have
+/// two in flight. This is why the master sends a retransmission exactly as it was (one
+/// envelope, one ACK).
+#[test]
+fn node_acks_each_envelope_of_a_handle() {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
+    };
+    use std::io::{BufRead, BufReader, IoSlice};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::empty(),
+    )
+    .unwrap();
+    let ours = UnixStream::from(ours);
+    // Ours must not leak into the child: it would never see EOF.
+    nix::fcntl::fcntl(
+        ours.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .unwrap();
+    let script = "process.on('message', (m, h) => { if (h) h.close(); \
+                  process.send({ got: m, handle: !!h }); });";
+    let mut child = Command::new("node")
+        .args(["-e", script])
+        .env("NODE_CHANNEL_FD", theirs.as_raw_fd().to_string())
+        .env("NODE_CHANNEL_SERIALIZATION_MODE", "json")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("node");
+    drop(theirs);
+    ours.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut lines = BufReader::new(ours.try_clone().unwrap()).lines();
+
+    // Sends `line` with a fresh TCP connection attached; returns the ACKs that came
+    // before the child's report, and the report.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut exchange = |line: &str| -> (usize, Value) {
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let fds = [conn.as_raw_fd()];
+        let wire = format!("{line}\n");
+        sendmsg::<()>(
+            ours.as_raw_fd(),
+            &[IoSlice::new(wire.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut acks = 0;
+        loop {
+            let l = lines.next().expect("the child closed its channel").unwrap();
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if v["cmd"] == "NODE_HANDLE_ACK" {
+                acks += 1;
+            } else if v.get("got").is_some() {
+                return (acks, v);
+            } else {
+                panic!("unexpected message from the child: {l}");
+            }
+        }
+    };
+    let once = r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"n":1}}"#;
+    let twice = r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"n":2}}}"#;
+    let (acks_once, got) = exchange(once);
+    assert_eq!(got["got"]["n"], 1, "{got}");
+    assert_eq!(got["handle"], true, "{got}");
+    let (acks_twice, got) = exchange(twice);
+    assert_eq!(got["got"]["n"], 2, "{got}");
+    assert_eq!(got["handle"], true, "{got}");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        (acks_once, acks_twice),
+        (1, 2),
+        "ACKs for one envelope, for two"
+    );
+}
+
 /// Case 9: `kill -9` of a worker under sequential load, each time right after a response and
 /// before the next request (so nothing is in flight to it, but the master may not have
 /// noticed yet): no request fails, and the survivors take its share until its replacement
