@@ -463,6 +463,11 @@ impl Master {
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut deadline: Option<Instant> = None;
+        // One timer for the loop's life, moved when the deadline changes: a fresh `Sleep`
+        // per turn registered and removed a timer entry for every connection.
+        let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
         loop {
             let now = Instant::now();
             // Planning runs when something changed or a deadline came; the hot path —
@@ -476,12 +481,10 @@ impl Master {
                     return code;
                 }
                 deadline = self.next_deadline();
+                sleep
+                    .as_mut()
+                    .reset(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(far));
             }
-            let sleep = tokio::time::sleep_until(
-                deadline
-                    .map(tokio::time::Instant::from_std)
-                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-            );
             tokio::select! {
                 biased;
                 _ = sigchld.recv() => { self.dirty = true; self.on_sigchld() }
@@ -504,7 +507,7 @@ impl Master {
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let _ = crate::notify::notify_parent("WATCHDOG=1");
                 }
-                _ = sleep => self.dirty = true,
+                _ = &mut sleep => self.dirty = true,
             }
         }
     }
