@@ -1349,6 +1349,41 @@ fn a_worker_refusing_every_handle_is_given_up_on_and_its_connections_served_by_a
     );
 }
 
+/// Found beside the test above: an app whose only worker NACKs every handle. The master
+/// gives up on a handle after sending it 3 times more and requeues its connection — to the
+/// same worker, the only one, and so on for ever (measured: one connection passed about
+/// 900 times a second, each give-up logged as a warning). A given-up handle does not count
+/// as a refusal the way a Node worker's `accepted: false` does, so the connection is never
+/// closed after `MAX_CONN_REFUSALS` (8) tries. Expected: it is.
+#[test]
+#[ignore = "bug: a connection NACKed by every worker is requeued for ever (a given-up handle is not counted as a refusal)"]
+fn a_connection_every_worker_nacks_is_closed_after_eight_tries() {
+    let h = Hostile::start(&["nack-slot=0"], "");
+    let bad_port = h.bad_port();
+    h.m.wait_status("bad ready", |s| app_named(s, "bad")["ready"] == 1);
+    let mut client = TcpStream::connect(("127.0.0.1", bad_port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = match client.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    let s = h.m.status().unwrap();
+    let offered = app_named(&s, "bad")["workers"][0]["passed"].clone();
+    let gave_up = h.m.out.matching("giving up on it").len();
+    assert!(
+        closed,
+        "the connection was not closed in 10 s: offered {offered} times, {gave_up} give-ups logged"
+    );
+    assert!(
+        offered.as_u64().is_some_and(|n| n <= 8),
+        "offered {offered} times"
+    );
+}
+
 #[test]
 fn handles_without_an_fd_or_with_a_non_socket_fd_are_ignored_and_closed() {
     let mut h = Hostile::start(
