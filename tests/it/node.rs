@@ -1030,6 +1030,108 @@ fn a_connection_every_worker_refuses_is_closed_after_eight_tries() {
     assert_eq!(passed, Some(8));
 }
 
+/// The app named `name` in a status value.
+fn app_named<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no app {name} in {s}"))
+}
+
+/// The worker of app `name` in `slot`, from a status value.
+fn worker_of<'a>(s: &'a Value, name: &str, slot: u64) -> &'a Value {
+    app_named(s, name)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["slot"] == slot)
+        .unwrap_or_else(|| panic!("no worker in slot {slot} of {name}: {s}"))
+}
+
+/// The port of the listener the master bound for a worker of `app` (`listen(0)`).
+fn asked_port(m: &Master, app: &str) -> u16 {
+    let line = m.wait_log(&format!("{app}: listening on "));
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| m.fail(&format!("no port in {line:?}")))
+}
+
+/// Two apps whose servers call `listen(0)`: each has a listener of its own, but their
+/// workers ask with the same key text (`null:0:4:undefined:0`). When the server of one
+/// worker of `closes` closes (Node sends the master `close` with that key), that worker's
+/// registration goes, and only that one: it is offered no more connections (the other
+/// worker of its app serves them all), and the other app's port still serves. The master
+/// once looked the key up among every app's listeners, found `stays`'s (made first), and
+/// left the closing worker registered on its own.
+#[test]
+fn a_server_that_closes_drops_only_its_own_workers_key() {
+    let m = run_config(
+        &format!(
+            r#"
+            [apps.stays]
+            command = ["node", "{app}"]
+            instances = 1
+            ready_after = "20s"
+            [apps.closes]
+            command = ["node", "{app}"]
+            instances = 2
+            ready_after = "20s"
+            env = {{ LISTEN_AFTER = "{{dir}}/go" }}
+            "#,
+            app = app("close_on_signal.js")
+        ),
+        &[],
+    );
+    // `stays` asks first, so its listener comes first in the master's list.
+    let stays_port = asked_port(&m, "stays");
+    let s = m.wait_status("stays ready", |s| app_named(s, "stays")["ready"] == 1);
+    let stayer = worker_of(&s, "stays", 0)["pid"].clone();
+    std::fs::write(m.path().join("go"), "").unwrap();
+    let closes_port = asked_port(&m, "closes");
+    let s = m.wait_status("closes ready", |s| app_named(s, "closes")["ready"] == 2);
+    let closer = worker_of(&s, "closes", 0)["pid"].clone();
+    let other = worker_of(&s, "closes", 1)["pid"].clone();
+    let get = |port: u16, what: &str| {
+        http_get(port, Duration::from_secs(10)).unwrap_or_else(|e| m.fail(&format!("{what}: {e}")))
+            ["pid"]
+            .clone()
+    };
+    // Both workers of `closes` serve before the close.
+    let before: BTreeSet<String> = (0..10)
+        .map(|_| get(closes_port, "closes before the close").to_string())
+        .collect();
+    assert_eq!(
+        before,
+        BTreeSet::from([closer.to_string(), other.to_string()]),
+        "before the close"
+    );
+
+    kill(closer.as_i64().unwrap() as i32, libc::SIGUSR2);
+    // Sent after the `close` on the same channel: logged once the master handled both.
+    m.wait_log(r#"message: {"closed":"closes:0"}"#);
+    let offered = worker_of(&m.status().unwrap(), "closes", 0)["passed"].clone();
+    for i in 0..20 {
+        let pid = get(stays_port, &format!("stays request {i} after the close"));
+        assert_eq!(pid, stayer, "stays request {i} after the close");
+    }
+    for i in 0..20 {
+        let pid = get(closes_port, &format!("closes request {i} after the close"));
+        assert_eq!(pid, other, "closes request {i} after the close");
+    }
+    let s = m.status().unwrap();
+    let after = worker_of(&s, "closes", 0);
+    assert_eq!(after["pid"], closer, "the closing worker was replaced: {s}");
+    assert_eq!(
+        after["passed"], offered,
+        "the worker whose server closed was still offered connections: {s}"
+    );
+}
+
 /// Found by case 9: a Node worker that calls `listen()` later than `ready_after` is made
 /// ready by uptime, and then — having asked for nothing yet — is taken for a plain child
 /// and sent connections as `process.on('message')` sockets, which a cluster server never
