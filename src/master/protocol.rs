@@ -181,12 +181,9 @@ impl Master {
             let conn = io
                 .conn
                 .take_if(|c| !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd)));
+            let app = io.app;
             if let Some(c) = conn {
-                self.listeners[c.listener].queue.push_front(Queued {
-                    fd: c.fd,
-                    permit: c.permit,
-                    refused: c.refused,
-                });
+                self.refused_conn(app, c);
             }
             self.release_held(id);
             return;
@@ -210,31 +207,39 @@ impl Master {
         let app = io.app;
         if accepted == Some(true) {
             close_conn(c);
-        } else if c.refused + 1 >= MAX_CONN_REFUSALS {
-            // Refused again and again (no worker has a server for it): closing it is
-            // better than passing it round for ever. Logged at the 1st, 2nd, 4th… such.
-            let entry = &mut self.listeners[c.listener];
-            entry.closed_refused += 1;
-            let n = entry.closed_refused;
-            if n.is_power_of_two() {
-                warn!(
-                    "{}: closed a connection its workers refused {MAX_CONN_REFUSALS} times \
-                     (no server for it?); {n} so far",
-                    self.pools[app].spec.name
-                );
-            }
-            crate::metrics::violation(self.pools[app].spec.name.as_str(), "refused_connection");
-            close_conn(c);
         } else {
             // The worker would not take it (its server is closing, or it is at
             // maxConnections): someone else gets it.
+            self.refused_conn(app, c);
+        }
+        self.dispatch_app(app);
+    }
+
+    /// A connection a worker did not take (`accepted: false`, or its handle refused until
+    /// we gave up) goes back to the front of its queue for another worker, unless it has
+    /// been refused [`MAX_CONN_REFUSALS`] times: then no worker has a server for it, and
+    /// closing it beats passing it round for ever. Logged at the 1st, 2nd, 4th… such.
+    fn refused_conn(&mut self, app: usize, c: ConnInFlight) {
+        if c.refused + 1 < MAX_CONN_REFUSALS {
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
                 permit: c.permit,
                 refused: c.refused + 1,
             });
+            return;
         }
-        self.dispatch_app(app);
+        let entry = &mut self.listeners[c.listener];
+        entry.closed_refused += 1;
+        let n = entry.closed_refused;
+        if n.is_power_of_two() {
+            warn!(
+                "{}: closed a connection its workers refused {MAX_CONN_REFUSALS} times \
+                 (no server for it?); {n} so far",
+                self.pools[app].spec.name
+            );
+        }
+        crate::metrics::violation(self.pools[app].spec.name.as_str(), "refused_connection");
+        close_conn(c);
     }
 
     /// Counts a listener refused to a worker. Returns what to append to the log line when
