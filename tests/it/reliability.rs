@@ -1148,10 +1148,6 @@ fn a_worker_sending_fds_without_messages_is_cut_off_and_the_fds_closed() {
     );
 }
 
-/// `NODE_HANDLE` messages with no fd, then with an fd that is no socket (`/dev/null`): the
-/// master acknowledges and ignores them (a worker has no business sending handles), closes
-/// every fd it was given, and the worker's channel stays usable: it is still passed
-/// connections afterwards.
 /// A worker sends a socket set to linger 30 s on close with data it cannot send, and then
 /// closes its own copy: the master's close is the last one. Done on the loop it would stop
 /// the master for 30 s; the master answers status at once and the others carry on.
@@ -1389,6 +1385,10 @@ fn a_connection_every_worker_nacks_is_closed_after_eight_tries() {
     );
 }
 
+/// `NODE_HANDLE` messages with no fd, then with an fd that is no socket (`/dev/null`): the
+/// master acknowledges and ignores them (a worker has no business sending handles), closes
+/// every fd it was given, and the worker's channel stays usable: it is still passed
+/// connections afterwards.
 #[test]
 fn handles_without_an_fd_or_with_a_non_socket_fd_are_ignored_and_closed() {
     let mut h = Hostile::start(
