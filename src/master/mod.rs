@@ -481,9 +481,11 @@ impl Master {
                     return code;
                 }
                 deadline = self.next_deadline();
-                sleep
-                    .as_mut()
-                    .reset(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(far));
+                sleep.as_mut().reset(
+                    deadline
+                        .map(tokio::time::Instant::from_std)
+                        .unwrap_or_else(far),
+                );
             }
             tokio::select! {
                 biased;
