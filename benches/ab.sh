@@ -16,6 +16,7 @@
 #                        (e.g. an older src/preload.js: git show REV:src/preload.js > FILE)
 #   other | slice=NS     the master's loop thread set after start to SCHED_OTHER, or to
 #                        SCHED_OTHER with an EEVDF custom slice of NS ns (Linux >= 6.12)
+#   batch-slice=NS       SCHED_BATCH (as shipped) with a custom slice of NS ns
 #   node                 Node's cluster module, 2 workers, NODE_CLUSTER_SCHED_POLICY=rr
 set -euo pipefail
 
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift ;;
     -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     preload=?*) VARIANTS+=("preload=$(realpath -e "${1#preload=}" 2>/dev/null || echo "${1#preload=}")") ;;
-    processes|no-preload|other|node|slice=[0-9]*) VARIANTS+=("$1") ;;
+    processes|no-preload|other|node|slice=[0-9]*|batch-slice=[0-9]*) VARIANTS+=("$1") ;;
     *) echo "ab.sh: unknown argument or variant: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -70,12 +71,13 @@ process.on('SIGTERM', () => {
 });
 EOF
 
-# sched_setattr(2) on one thread: policy 0 = SCHED_OTHER, runtime = the custom slice in ns.
-set_sched() { # tid runtime_ns
-  python3 - "$1" "$2" <<'EOF'
+# sched_setattr(2) on one thread: policy 0 = SCHED_OTHER, 3 = SCHED_BATCH; runtime = the
+# custom slice in ns (0: the default).
+set_sched() { # tid policy runtime_ns
+  python3 - "$1" "$2" "$3" <<'EOF'
 import ctypes, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
-attr = ctypes.create_string_buffer(struct.pack("IIQiIQQQII", 56, 0, 0, 0, 0, int(sys.argv[2]), 0, 0, 0, 0), 56)
+attr = ctypes.create_string_buffer(struct.pack("IIQiIQQQII", 56, int(sys.argv[2]), 0, 0, 0, int(sys.argv[3]), 0, 0, 0, 0), 56)
 if libc.syscall(314, int(sys.argv[1]), attr, 0) != 0:
     sys.exit("sched_setattr: " + os.strerror(ctypes.get_errno()))
 EOF
@@ -133,7 +135,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
       sleep 0.05
     done
     [ $ok = 1 ] || { log "ERROR: $v did not answer on port $port; its log:"; tail -20 "$TMP/log" >&2; exit 1; }
-    case "$v" in other) set_sched "$PID" 0 ;; slice=*) set_sched "$PID" "${v#slice=}" ;; esac
+    case "$v" in
+      other) set_sched "$PID" 0 0 ;;
+      slice=*) set_sched "$PID" 0 "${v#slice=}" ;;
+      batch-slice=*) set_sched "$PID" 3 "${v#batch-slice=}" ;;
+    esac
     wrk -t2 -c32 -d1s -H 'Connection: close' "http://127.0.0.1:$port/" >/dev/null
     workers="$(pgrep -P "$PID" -x node | tr '\n' ' ')"
     [ -n "$workers" ] || { log "ERROR: no workers under $v (pid $PID)"; exit 1; }
