@@ -177,8 +177,18 @@ fn a_reload_to_a_version_that_cannot_start_keeps_the_old_one_serving() {
     }
     let (ok, failed) = load.stop();
     assert_eq!(failed, 0, "{failed} of {ok} requests failed");
-    let now = pids(&m.wait_ready(3));
-    assert_eq!(now, before, "the old workers still serve");
+    let s = m.wait_ready(3);
+    assert_eq!(pids(&s), before, "the old workers still serve");
+    // No process was replaced: the attempt counts as no restart.
+    let restarts = |s: &serde_json::Value| -> Vec<serde_json::Value> {
+        s["apps"][0]["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|slot| slot["restarts"].clone())
+            .collect()
+    };
+    assert_eq!(restarts(&s), vec![0, 0, 0], "{s}");
     // A crash of an old worker now restarts it with the old, working command.
     kill(before[0], libc::SIGKILL);
     let s = m.wait_status("the crashed old worker replaced", |s| {
@@ -186,6 +196,12 @@ fn a_reload_to_a_version_that_cannot_start_keeps_the_old_one_serving() {
         s["apps"][0]["ready"] == 3 && !p.contains(&before[0])
     });
     assert_eq!(s["apps"][0]["reloading"], false);
+    assert_eq!(
+        restarts(&s).iter().filter(|r| **r == 1).count(),
+        1,
+        "the crashed slot restarted once: {s}"
+    );
+    assert_eq!(restarts(&s).iter().filter(|r| **r == 0).count(), 2, "{s}");
 }
 
 #[test]
