@@ -590,3 +590,40 @@ fn restart_without_a_slot_restarts_every_worker() {
         "{before:?} → {after:?}"
     );
 }
+
+/// A slot waiting out its backoff shows, in `processes status`, how often it restarted
+/// and when it starts again, where its worker's uptime and counts would be.
+#[test]
+fn status_shows_a_waiting_slots_restarts_and_when_it_starts_again() {
+    let m = run_config(
+        r#"
+        [apps.crashy]
+        command = ["{fixture}", "exit=1@0"]
+        [apps.crashy.backoff]
+        initial = "20ms"
+        max = "60s"
+        crash_loop_restarts = 3
+        "#,
+        &[],
+    );
+    let s = m.wait_status("the slot crash-looping, waiting", |s| {
+        let slot = &s["apps"][0]["slots"][0];
+        slot["state"] == "crash-looping" && slot["restart_in_ms"].as_u64() > Some(5_000)
+    });
+    let restarts = s["apps"][0]["slots"][0]["restarts"].as_u64().unwrap();
+    assert!(restarts >= 2, "{s}");
+    let (code, stdout, stderr) = cli(&m, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("crash-looping"))
+        .unwrap_or_else(|| panic!("no crash-looping slot in:\n{stdout}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    // slot, pid, state, uptime, restarts, passed, then the note.
+    assert_eq!(&cols[..3], ["0", "-", "crash-looping"], "{line}");
+    assert_eq!(cols[4], restarts.to_string(), "{line}");
+    assert!(
+        line.contains("restarts in ") && line.contains("crashes in a row"),
+        "{line}"
+    );
+}
