@@ -224,6 +224,71 @@ pub struct RunArgs {
 
 const ORIGIN: &str = "command line";
 
+impl Cli {
+    /// Parses the command line; a `run` whose command was given without `--` before it
+    /// gets an error that says so and shows the line with the `--` in place.
+    pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(&args).map_err(|e| missing_separator_hint(e, &args))
+    }
+}
+
+/// `processes run -i 2 node server.js`: clap's "unexpected argument 'node'" becomes a
+/// tip to put `--` before the command, with the corrected line when inserting it there
+/// parses. Everything after `--` is the command's, so its own `-flags` never reach us.
+fn missing_separator_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument
+        || args.get(1).is_none_or(|a| a != "run")
+        || args.iter().any(|a| a == "--")
+    {
+        return e;
+    }
+    let Some(ContextValue::String(bad)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    if bad.starts_with('-') {
+        return e;
+    }
+    // Where the command starts: the first place `bad` appears at which a `--` makes the
+    // whole line parse (the same word may also be an option's value earlier on).
+    let fixed = (2..args.len())
+        .filter(|&i| args[i] == bad.as_str())
+        .find_map(|i| {
+            let mut with = args.to_vec();
+            with.insert(i, "--".into());
+            Cli::try_parse_from(&with).ok().map(|_| with)
+        });
+    let tip = match fixed {
+        Some(with) => format!(
+            "put `--` before the command: {}",
+            std::iter::once("processes".to_string())
+                .chain(with[1..].iter().map(|a| shell_quote(&a.to_string_lossy())))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        None => "put `--` before the command: processes run -i 2 -- node server.js".into(),
+    };
+    e.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![StyledStr::from(tip)]),
+    );
+    e
+}
+
+/// `arg` as a shell would need it typed: as is when that is safe, else single-quoted.
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 /// `-i N`, or `-i max` (PM2's spelling) for as many workers as CPUs this process may run
 /// on.
 fn parse_instances(s: &str) -> Result<i64, String> {

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use processes::cli::{Cli, Command};
 use processes::control::{self, Request};
 use processes::master::{self, error_chain};
@@ -12,7 +11,7 @@ fn main() -> ExitCode {
     // Before anything opens a file: fds 3.. may be systemd's sockets for us.
     let inherited = processes::sockets::inherited_from_systemd();
     processes::unix::cloexec_inherited_fds();
-    let cli = Cli::parse();
+    let cli = Cli::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     init_logging();
     match cli.command {
         Command::Run(args) => {
