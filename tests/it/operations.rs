@@ -627,3 +627,40 @@ fn status_shows_a_waiting_slots_restarts_and_when_it_starts_again() {
         "{line}"
     );
 }
+
+/// `--name` finds a master that was started with its own `--control` (and no `--name`:
+/// its name comes from the command), and a name no master has gets an error that says
+/// where it looked and how to reach such a master.
+#[test]
+fn name_finds_a_master_with_its_own_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("ux-find-me-{}", std::process::id());
+    std::os::unix::fs::symlink(FIXTURE, dir.path().join(&name)).unwrap();
+    let m = run_in(dir, &["--", &format!("{{dir}}/{name}")]);
+    m.wait_ready(1);
+    // A runtime dir of its own: the master's socket is not at the default path.
+    let runtime = tempfile::tempdir().unwrap();
+    let client = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = client(&["status", "--name", &name]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with(&format!("{name}  size 1")), "{stdout}");
+
+    let (code, _, stderr) = client(&["status", "--name", "ux-no-such-master"]);
+    assert_eq!(code, Some(2));
+    let default = runtime.path().join("processes/ux-no-such-master.sock");
+    assert!(
+        stderr.contains(&default.display().to_string()) && stderr.contains("`--control PATH`"),
+        "{stderr}"
+    );
+}
