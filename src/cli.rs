@@ -51,7 +51,7 @@ pub enum Command {
 /// Which running master a client command talks to.
 #[derive(Debug, Args, Clone, Default)]
 pub struct Target {
-    /// The master's name (its `run --name`).
+    /// The master's name (its `run --name`, else its app's name or its config file's stem).
     #[arg(long, global = true)]
     pub name: Option<String>,
     /// The master's control socket path.
@@ -224,6 +224,71 @@ pub struct RunArgs {
 
 const ORIGIN: &str = "command line";
 
+impl Cli {
+    /// Parses the command line; a `run` whose command was given without `--` before it
+    /// gets an error that says so and shows the line with the `--` in place.
+    pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(&args).map_err(|e| missing_separator_hint(e, &args))
+    }
+}
+
+/// `processes run -i 2 node server.js`: clap's "unexpected argument 'node'" becomes a
+/// tip to put `--` before the command, with the corrected line when inserting it there
+/// parses. Everything after `--` is the command's, so its own `-flags` never reach us.
+fn missing_separator_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument
+        || args.get(1).is_none_or(|a| a != "run")
+        || args.iter().any(|a| a == "--")
+    {
+        return e;
+    }
+    let Some(ContextValue::String(bad)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    if bad.starts_with('-') {
+        return e;
+    }
+    // Where the command starts: the first place `bad` appears at which a `--` makes the
+    // whole line parse (the same word may also be an option's value earlier on).
+    let fixed = (2..args.len())
+        .filter(|&i| args[i] == bad.as_str())
+        .find_map(|i| {
+            let mut with = args.to_vec();
+            with.insert(i, "--".into());
+            Cli::try_parse_from(&with).ok().map(|_| with)
+        });
+    let tip = match fixed {
+        Some(with) => format!(
+            "put `--` before the command: {}",
+            std::iter::once("processes".to_string())
+                .chain(with[1..].iter().map(|a| shell_quote(&a.to_string_lossy())))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        None => "put `--` before the command: processes run -i 2 -- node server.js".into(),
+    };
+    e.insert(
+        ContextKind::Suggested,
+        ContextValue::StyledStrs(vec![StyledStr::from(tip)]),
+    );
+    e
+}
+
+/// `arg` as a shell would need it typed: as is when that is safe, else single-quoted.
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 /// `-i N`, or `-i max` (PM2's spelling) for as many workers as CPUs this process may run
 /// on.
 fn parse_instances(s: &str) -> Result<i64, String> {
@@ -242,6 +307,19 @@ fn err(field: &str, msg: impl Into<String>) -> ConfigError {
 impl RunArgs {
     /// The master's name: `--name`, else the app's name, else the config file's stem.
     pub fn master_name(&self, config: &Config) -> String {
+        if self.name.is_none() && self.config.is_none() {
+            return config
+                .apps
+                .first()
+                .map(|a| a.name.to_string())
+                .unwrap_or_else(|| "processes".into());
+        }
+        self.name_from_flags()
+    }
+
+    /// [`RunArgs::master_name`] from the flags alone (what a client reading a master's
+    /// command line can work out).
+    fn name_from_flags(&self) -> String {
         if let Some(n) = &self.name {
             return n.clone();
         }
@@ -251,11 +329,7 @@ impl RunArgs {
                 .and_then(|s| s.to_str())
                 .unwrap_or("processes")
                 .to_string(),
-            None => config
-                .apps
-                .first()
-                .map(|a| a.name.to_string())
-                .unwrap_or_else(|| "processes".into()),
+            None => config::default_name(&self.command),
         }
     }
 
@@ -478,20 +552,70 @@ impl Target {
         if let Some(p) = &self.control {
             return Ok(p.clone());
         }
-        if let Some(n) = &self.name {
-            return Ok(crate::control::default_path(n));
-        }
         let probe = crate::control::default_path("x");
         let dir = probe.parent().map(PathBuf::from).unwrap_or_default();
-        let mut live: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "sock"))
-            .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
-            .collect();
-        live.sort();
+        let live_here = || {
+            let mut live: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                .filter(|p| answers(p))
+                .collect();
+            live.sort();
+            live
+        };
+        if let Some(n) = &self.name {
+            let path = crate::control::default_path(n);
+            if answers(&path) {
+                return Ok(path);
+            }
+            // Not at its default path: a master of that name started with its own
+            // --control. The running masters' command lines say where theirs is.
+            let mut named: Vec<PathBuf> = running_masters()
+                .into_iter()
+                .filter(|(name, _)| name == n)
+                .map(|(_, control)| control)
+                .collect();
+            named.sort();
+            named.dedup();
+            return match named.len() {
+                1 => Ok(named.remove(0)),
+                0 => {
+                    let live = live_here();
+                    let here = live
+                        .iter()
+                        .filter_map(|p| p.file_stem().and_then(|s| s.to_str()))
+                        .collect::<Vec<_>>();
+                    Err(crate::errors::ClientError::Refused(format!(
+                        "no master named {n} is running: nothing answers at {} (its control socket \
+                         by default), and no running master of this user was started as {n} with \
+                         its own --control. A master started with `--control PATH` is reached with \
+                         `--control PATH`{}",
+                        path.display(),
+                        if here.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; masters running under {}: {}",
+                                dir.display(),
+                                here.join(", ")
+                            )
+                        }
+                    )))
+                }
+                _ => Err(crate::errors::ClientError::Refused(format!(
+                    "several masters named {n} run, with control sockets {}; choose one with --control",
+                    named
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            };
+        }
+        let mut live = live_here();
         match live.len() {
             1 => Ok(live.remove(0)),
             0 => Err(crate::errors::ClientError::Refused(format!(
@@ -507,4 +631,68 @@ impl Target {
             ))),
         }
     }
+}
+
+/// Whether a master answers at this control socket.
+fn answers(path: &std::path::Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// `(name, control socket)` of every `processes run` of this user whose control socket
+/// answers, read from their command lines in `/proc` (a master's name and control path
+/// follow from its flags). Nothing where there is no `/proc`.
+fn running_masters() -> Vec<(String, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::getuid().as_raw();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in procs.flatten() {
+        let pid = entry.path();
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            || entry.metadata().map(|m| m.uid()).ok() != Some(me)
+        {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(pid.join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<std::ffi::OsString> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a).to_os_string()
+            })
+            .collect();
+        let is_ours = argv
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|f| f == "processes");
+        if !is_ours || argv.get(1).is_none_or(|a| a != "run") {
+            continue;
+        }
+        let Ok(Cli {
+            command: Command::Run(args),
+        }) = Cli::try_parse_from(&argv)
+        else {
+            continue;
+        };
+        let name = args.name_from_flags();
+        let control = match &args.control {
+            Some(c) if c.is_relative() => match std::fs::read_link(pid.join("cwd")) {
+                Ok(cwd) => cwd.join(c),
+                Err(_) => continue,
+            },
+            Some(c) => c.clone(),
+            None => crate::control::default_path(&name),
+        };
+        if answers(&control) {
+            found.push((name, control));
+        }
+    }
+    found
 }

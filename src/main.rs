@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use processes::cli::{Cli, Command};
 use processes::control::{self, Request};
 use processes::master::{self, error_chain};
@@ -12,7 +11,7 @@ fn main() -> ExitCode {
     // Before anything opens a file: fds 3.. may be systemd's sockets for us.
     let inherited = processes::sockets::inherited_from_systemd();
     processes::unix::cloexec_inherited_fds();
-    let cli = Cli::parse();
+    let cli = Cli::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     init_logging();
     match cli.command {
         Command::Run(args) => {
@@ -278,11 +277,35 @@ fn print_status(data: &serde_json::Value) {
                 text(&w["passed"])
             );
         }
+        // Slots without a worker: their restart count, and when they start again.
         for s in app["slots"].as_array().unwrap_or(&empty) {
             let state = text(&s["state"]);
-            if state != "running" {
-                println!("  {:>4}  {:>8}  {:<13}", text(&s["slot"]), "-", state);
+            if state == "running" {
+                continue;
             }
+            let crashes = s["consecutive_crashes"].as_u64().unwrap_or(0);
+            let after = match crashes {
+                0 => String::new(),
+                1 => " after a crash".into(),
+                n => format!(" after {n} crashes in a row"),
+            };
+            let note = match s["restart_in_ms"].as_u64() {
+                Some(ms) => format!("restarts in {:.1}s{after}", ms as f64 / 1000.0),
+                None if state == "stopped" => format!(
+                    "kept down by its restart policy; `processes start {}` starts it",
+                    text(&app["name"])
+                ),
+                None => format!("restarting{after}"),
+            };
+            println!(
+                "  {:>4}  {:>8}  {:<13}  {:>9}  {:>8}  {:>8}  {note}",
+                text(&s["slot"]),
+                "-",
+                state,
+                "-",
+                text(&s["restarts"]),
+                "-"
+            );
         }
     }
 }

@@ -131,8 +131,13 @@ pub struct Slot {
     /// The restart policy keeps this slot down (`never`, or `on-failure` after a clean
     /// exit). It still counts in the pool's size.
     pub parked: Option<ExitKind>,
-    /// Workers started in this slot after the first.
+    /// Times a new worker took this slot over from an earlier one (PM2's `↺`): after a
+    /// crash or exit, a `processes restart`, a memory limit, or a reload that replaced
+    /// it. A reload replacement that never became ready does not count: the old worker
+    /// kept running.
     pub restarts: u32,
+    /// A worker has run in this slot (the next one to take it is a restart).
+    pub filled: bool,
     /// Start a replacement for the current worker, and stop the old one for this reason
     /// once the new one is ready (memory limit).
     pub replace: Option<StopReason>,
@@ -490,9 +495,6 @@ impl Pool {
     pub fn on_spawned(&mut self, slot: u32, incoming: bool, id: WorkerId, pid: i32, now: Instant) {
         let generation = self.generation;
         let s = self.slots.entry(slot).or_default();
-        if s.current.is_some() || s.restart_at.is_some() {
-            s.restarts += 1;
-        }
         s.restart_at = None;
         if incoming {
             s.incoming = Some(id);
@@ -504,6 +506,12 @@ impl Pool {
                 r.active.insert(slot);
             }
         } else {
+            // A replacement counts once it takes over (`on_ready`); this one takes an
+            // empty slot now.
+            if s.filled {
+                s.restarts += 1;
+            }
+            s.filled = true;
             s.current = Some(id);
         }
         self.workers.insert(
@@ -566,6 +574,10 @@ impl Pool {
         }
         let old = s.current.replace(id);
         s.incoming = None;
+        if s.filled {
+            s.restarts += 1;
+        }
+        s.filled = true;
         let reason = s.replace.take().unwrap_or(StopReason::Replaced);
         if reason == StopReason::Replaced
             && let Some(r) = self.reload.as_mut()
@@ -1032,6 +1044,8 @@ mod tests {
                 .filter(|w| w.state != WorkerState::Draining)
                 .all(|w| w.generation == 1)
         );
+        // Each slot's process was replaced once: one restart each, as PM2 counts a reload.
+        assert!(p.slots.values().all(|s| s.restarts == 1), "{:?}", p.slots);
     }
 
     #[test]
@@ -1059,6 +1073,8 @@ mod tests {
             "old spec restored"
         );
         assert_eq!(p.workers[&old].state, WorkerState::Ready);
+        // The slot's worker was never replaced: a failed reload is not a restart.
+        assert_eq!(p.slots[&0].restarts, 0);
     }
 
     #[test]
@@ -1081,6 +1097,7 @@ mod tests {
         );
         assert_eq!(p.slots[&0].current, Some(old));
         assert!(p.reload.is_none());
+        assert_eq!(p.slots[&0].restarts, 0, "a failed reload is not a restart");
     }
 
     #[test]

@@ -526,6 +526,12 @@ pub enum Action {
         app: String,
         n: usize,
     },
+    /// `+`/`-` on an autoscaled app: a fixed size would turn its autoscaling off, so the
+    /// footer asks first and the same key again sends the [`Action::Scale`].
+    ConfirmScale {
+        app: String,
+        n: usize,
+    },
     Reload {
         app: String,
     },
@@ -552,6 +558,9 @@ pub struct UiState {
     /// Index into [`Model::apps`]; clamped when the apps change.
     pub selected: usize,
     pub message: Option<Message>,
+    /// The scale an autoscaled app's `+`/`-` asked to confirm: pressing that key again
+    /// sends it, any other key forgets it.
+    pub confirm: Option<Action>,
 }
 
 impl UiState {
@@ -564,7 +573,9 @@ impl UiState {
 
 /// Maps a key to an action. `q`, Esc and Ctrl-C quit; `↑`/`↓` (or `k`/`j`) select an app;
 /// `+` (or `=`) and `-` ask for one worker more or fewer than the selected app's desired
-/// size; `r` starts a rolling reload of it.
+/// size — for an autoscaled app that fixes its size and turns autoscaling off, so the
+/// first press only asks to confirm and a second one sends it; `r` starts a rolling
+/// reload of it.
 pub fn handle_key(key: KeyEvent, model: &Model, ui: &UiState) -> Action {
     if key.kind == KeyEventKind::Release {
         return Action::None;
@@ -584,12 +595,23 @@ pub fn handle_key(key: KeyEvent, model: &Model, ui: &UiState) -> Action {
         } else {
             desired.saturating_sub(1)
         };
-        match usize::try_from(n) {
-            Ok(n) if n as u64 != desired => Action::Scale {
+        let Ok(n) = usize::try_from(n) else {
+            return Action::None;
+        };
+        if n as u64 == desired {
+            return Action::None;
+        }
+        let scale = Action::Scale {
+            app: app.name.clone(),
+            n,
+        };
+        if app.autoscale.is_none() || ui.confirm.as_ref() == Some(&scale) {
+            scale
+        } else {
+            Action::ConfirmScale {
                 app: app.name.clone(),
                 n,
-            },
-            _ => Action::None,
+            }
         }
     };
     match key.code {
@@ -621,7 +643,7 @@ pub fn request_for(action: &Action) -> Option<Request> {
             app: Some(app.clone()),
             batch: None,
         }),
-        Action::None | Action::Quit | Action::Select(_) => None,
+        Action::None | Action::Quit | Action::Select(_) | Action::ConfirmScale { .. } => None,
     }
 }
 
@@ -630,10 +652,30 @@ pub fn pending(action: &Action) -> Option<Message> {
     let text = match action {
         Action::Scale { app, n } => format!("{app}: scaling to {n}…"),
         Action::Reload { app } => format!("{app}: asking for a rolling reload…"),
-        Action::None | Action::Quit | Action::Select(_) => return None,
+        Action::None | Action::Quit | Action::Select(_) | Action::ConfirmScale { .. } => {
+            return None;
+        }
     };
     Some(Message {
         text,
+        tone: Tone::Pending,
+    })
+}
+
+/// The footer's question before `+`/`-` turns an autoscaled app into a fixed one.
+pub fn confirm_message(action: &Action, model: &Model) -> Option<Message> {
+    let Action::ConfirmScale { app, n } = action else {
+        return None;
+    };
+    let bounds = model
+        .app(app)
+        .and_then(|a| Some(format!(" ({}..{})", a.min?, a.max?)))
+        .unwrap_or_default();
+    Some(Message {
+        text: format!(
+            "{app} is autoscaled{bounds}: press the key again to fix it at {} and turn autoscaling off",
+            workers(*n as u64)
+        ),
         tone: Tone::Pending,
     })
 }
@@ -643,7 +685,7 @@ pub fn describe(action: &Action, result: &Result<Value, String>, model: &Model) 
     let (what, app) = match action {
         Action::Scale { app, .. } => ("scale", app),
         Action::Reload { app } => ("reload", app),
-        Action::None | Action::Quit | Action::Select(_) => {
+        Action::None | Action::Quit | Action::Select(_) | Action::ConfirmScale { .. } => {
             return Message {
                 text: String::new(),
                 tone: Tone::Ok,
@@ -667,9 +709,15 @@ pub fn describe(action: &Action, result: &Result<Value, String>, model: &Model) 
                 (Some(f), Some(t)) => format!("{app}: {f} → {}", workers(t)),
                 _ => format!("{app}: scaled"),
             };
-            // A size by hand makes the pool fixed: the master stops autoscaling it.
-            if model.app(app).is_some_and(|v| v.autoscale.is_some()) {
-                text.push_str(", a fixed size now (autoscaling off)");
+            // A size by hand makes the pool fixed: the master says whether that stopped
+            // its autoscaling (a master that does not say: the app as last seen).
+            let stopped = data["autoscale_stopped"]
+                .as_bool()
+                .unwrap_or_else(|| model.app(app).is_some_and(|v| v.autoscale.is_some()));
+            if stopped {
+                text.push_str(&format!(
+                    ", a fixed size now: autoscaling is off (`processes scale {app} min=A,max=B` turns it back on)"
+                ));
             }
             text
         }
@@ -1355,10 +1403,22 @@ pub fn run(control: &Path) -> io::Result<()> {
         let Event::Key(key) = event::read()? else {
             continue;
         };
-        match handle_key(key, &model, &ui) {
+        let action = handle_key(key, &model, &ui);
+        // A question is answered by the next key, whichever it is; it leaves the footer.
+        if key.kind != KeyEventKind::Release && ui.confirm.take().is_some() {
+            ui.message = None;
+        }
+        match action {
             Action::None => {}
             Action::Quit => return Ok(()),
             Action::Select(i) => ui.selected = i,
+            Action::ConfirmScale { ref app, n } => {
+                ui.message = confirm_message(&action, &model);
+                ui.confirm = Some(Action::Scale {
+                    app: app.clone(),
+                    n,
+                });
+            }
             action @ (Action::Scale { .. } | Action::Reload { .. }) => {
                 ui.message = pending(&action);
                 actions.send(Job::Act(action)).map_err(|_| lost())?;
@@ -1502,6 +1562,7 @@ mod tests {
                 text: "api: 2 → 3 workers".into(),
                 tone: Tone::Ok,
             }),
+            confirm: None,
         };
         let s = screen(&model, &ui, 140, 30);
         for want in [
@@ -1615,7 +1676,7 @@ mod tests {
         let ui = UiState::default();
         let at1 = UiState {
             selected: 1,
-            message: None,
+            ..UiState::default()
         };
         assert_eq!(
             handle_key(key(KeyCode::Char('q')), &model, &ui),
@@ -1643,13 +1704,38 @@ mod tests {
             Action::Select(0)
         );
         assert_eq!(handle_key(key(KeyCode::Up), &model, &ui), Action::Select(0));
+        // web is autoscaled: a fixed size would turn that off, so `+` first asks…
         assert_eq!(
             handle_key(key(KeyCode::Char('+')), &model, &ui),
+            Action::ConfirmScale {
+                app: "web".into(),
+                n: 5
+            }
+        );
+        // …and the same key again, with that question open, sends it.
+        let asked = UiState {
+            confirm: Some(Action::Scale {
+                app: "web".into(),
+                n: 5,
+            }),
+            ..UiState::default()
+        };
+        assert_eq!(
+            handle_key(key(KeyCode::Char('+')), &model, &asked),
             Action::Scale {
                 app: "web".into(),
                 n: 5
             }
         );
+        // The other key asks about its own size.
+        assert_eq!(
+            handle_key(key(KeyCode::Char('-')), &model, &asked),
+            Action::ConfirmScale {
+                app: "web".into(),
+                n: 3
+            }
+        );
+        // api has a fixed size: `-` scales at once.
         assert_eq!(
             handle_key(key(KeyCode::Char('-')), &model, &at1),
             Action::Scale {
@@ -1668,7 +1754,7 @@ mod tests {
         // A selection past the end (apps went away) counts as the last app.
         let far = UiState {
             selected: 9,
-            message: None,
+            ..UiState::default()
         };
         assert_eq!(
             handle_key(key(KeyCode::Char('r')), &model, &far),
@@ -1694,11 +1780,11 @@ mod tests {
         );
         // After a scale answer `+` counts from the new size.
         let mut m = model_with(&fixture());
-        m.scaled("web", 6);
+        m.scaled("api", 6);
         assert_eq!(
-            handle_key(key(KeyCode::Char('+')), &m, &ui),
+            handle_key(key(KeyCode::Char('+')), &m, &at1),
             Action::Scale {
-                app: "web".into(),
+                app: "api".into(),
                 n: 7
             }
         );
@@ -1730,6 +1816,20 @@ mod tests {
         assert_eq!(request_for(&Action::Quit), None);
         assert_eq!(pending(&scale).unwrap().tone, Tone::Pending);
 
+        // Before an autoscaled app gets a fixed size, the footer says what that does.
+        let ask = Action::ConfirmScale {
+            app: "web".into(),
+            n: 5,
+        };
+        assert_eq!(request_for(&ask), None, "a question sends nothing");
+        assert_eq!(pending(&ask), None);
+        let m = confirm_message(&ask, &model).unwrap();
+        assert_eq!(
+            m.text,
+            "web is autoscaled (2..8): press the key again to fix it at 5 workers and turn autoscaling off"
+        );
+        assert_eq!(confirm_message(&scale, &model), None);
+
         let m = describe(
             &scale,
             &Ok(json!({"app": "web", "from": 4, "to": 5, "min": 1, "max": 1024})),
@@ -1738,8 +1838,15 @@ mod tests {
         assert_eq!(m.tone, Tone::Ok);
         assert_eq!(
             m.text,
-            "web: 4 → 5 workers, a fixed size now (autoscaling off)"
+            "web: 4 → 5 workers, a fixed size now: autoscaling is off (`processes scale web min=A,max=B` turns it back on)"
         );
+        // The master's word wins over the model's (which a poll may already have updated).
+        let m = describe(
+            &scale,
+            &Ok(json!({"from": 4, "to": 5, "autoscale_stopped": false})),
+            &model,
+        );
+        assert_eq!(m.text, "web: 4 → 5 workers");
         let m = describe(
             &Action::Scale {
                 app: "api".into(),
@@ -1956,7 +2063,7 @@ mod tests {
         ) {
             let mut model = Model::new();
             let t0 = Instant::now();
-            let ui = UiState { selected, message: None };
+            let ui = UiState { selected, ..UiState::default() };
             for (i, v) in values.iter().enumerate() {
                 model.update(v, t0 + Duration::from_millis(i as u64 * 1000));
                 screen(&model, &ui, w, h);

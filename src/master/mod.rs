@@ -962,10 +962,10 @@ impl Master {
         let jitter = self.jitter();
         let pool = &mut self.pools[app];
         let name = pool.spec.name.clone();
-        let (slot, uptime) = pool
+        let (slot, uptime, stopping) = pool
             .workers
             .get(&id)
-            .map(|w| (w.slot, w.uptime(now)))
+            .map(|w| (w.slot, w.uptime(now), w.stopping))
             .unwrap_or_default();
         let how = match exit {
             ExitKind::Code(c) => format!("exited with code {c}"),
@@ -986,10 +986,23 @@ impl Master {
         match outcome {
             None => {}
             Some(ExitOutcome::Asked(reason)) => {
-                info!(
-                    "[{name}:{slot}] pid {pid} {how} after {uptime:?} (stopped: {})",
-                    reason.as_str()
-                )
+                let why = reason.as_str();
+                match (exit, stopping) {
+                    // The signal the master sent to stop it: a stop, not a kill.
+                    (ExitKind::Signal(s), Some(st)) if s == libc::SIGTERM && st.termed => info!(
+                        "[{name}:{slot}] pid {pid} stopped by SIGTERM after {uptime:?} ({why})"
+                    ),
+                    (ExitKind::Signal(s), Some(st)) if s == libc::SIGKILL && st.killed => info!(
+                        "[{name}:{slot}] pid {pid} stopped by SIGKILL after {uptime:?} ({why}, forced)"
+                    ),
+                    // A signal from someone else (or a fault) while it was stopping.
+                    (ExitKind::Signal(_), _) => warn!(
+                        "[{name}:{slot}] pid {pid} {how} after {uptime:?} while stopping ({why})"
+                    ),
+                    (ExitKind::Code(_), _) => {
+                        info!("[{name}:{slot}] pid {pid} {how} after {uptime:?} (stopped: {why})")
+                    }
+                }
             }
             Some(ExitOutcome::Crashed(Restart::After {
                 delay,

@@ -160,6 +160,38 @@ fn bad_flags() {
     }
 }
 
+/// The command without `--` before it: clap's "unexpected argument" comes with the line
+/// as it should have been typed; the command's own `-flags` stay after the `--`.
+#[test]
+fn a_command_without_the_separator_gets_the_corrected_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "-i", "2", "node", "server.js"],
+            "tip: put `--` before the command: processes run -i 2 -- node server.js",
+        ),
+        (
+            &["run", "--name", "node", "node", "--inspect", "my app.js"],
+            "tip: put `--` before the command: processes run --name node -- node --inspect 'my app.js'",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, stderr, stdout) = run_in(d, args);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.starts_with("error: unexpected argument 'node' found"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(want), "{stderr}");
+        assert!(!stdout.contains("fixture start"), "{stdout}");
+        assert!(
+            !d.join("processes").exists(),
+            "a control socket was created"
+        );
+    }
+}
+
 #[test]
 fn a_port_in_use() {
     let dir = tempfile::tempdir().unwrap();

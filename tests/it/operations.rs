@@ -177,8 +177,18 @@ fn a_reload_to_a_version_that_cannot_start_keeps_the_old_one_serving() {
     }
     let (ok, failed) = load.stop();
     assert_eq!(failed, 0, "{failed} of {ok} requests failed");
-    let now = pids(&m.wait_ready(3));
-    assert_eq!(now, before, "the old workers still serve");
+    let s = m.wait_ready(3);
+    assert_eq!(pids(&s), before, "the old workers still serve");
+    // No process was replaced: the attempt counts as no restart.
+    let restarts = |s: &serde_json::Value| -> Vec<serde_json::Value> {
+        s["apps"][0]["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|slot| slot["restarts"].clone())
+            .collect()
+    };
+    assert_eq!(restarts(&s), vec![0, 0, 0], "{s}");
     // A crash of an old worker now restarts it with the old, working command.
     kill(before[0], libc::SIGKILL);
     let s = m.wait_status("the crashed old worker replaced", |s| {
@@ -186,6 +196,12 @@ fn a_reload_to_a_version_that_cannot_start_keeps_the_old_one_serving() {
         s["apps"][0]["ready"] == 3 && !p.contains(&before[0])
     });
     assert_eq!(s["apps"][0]["reloading"], false);
+    assert_eq!(
+        restarts(&s).iter().filter(|r| **r == 1).count(),
+        1,
+        "the crashed slot restarted once: {s}"
+    );
+    assert_eq!(restarts(&s).iter().filter(|r| **r == 0).count(), 2, "{s}");
 }
 
 #[test]
@@ -572,5 +588,79 @@ fn restart_without_a_slot_restarts_every_worker() {
     assert!(
         after.iter().all(|p| !before.contains(p)),
         "{before:?} → {after:?}"
+    );
+}
+
+/// A slot waiting out its backoff shows, in `processes status`, how often it restarted
+/// and when it starts again, where its worker's uptime and counts would be.
+#[test]
+fn status_shows_a_waiting_slots_restarts_and_when_it_starts_again() {
+    let m = run_config(
+        r#"
+        [apps.crashy]
+        command = ["{fixture}", "exit=1@0"]
+        [apps.crashy.backoff]
+        initial = "20ms"
+        max = "60s"
+        crash_loop_restarts = 3
+        "#,
+        &[],
+    );
+    let s = m.wait_status("the slot crash-looping, waiting", |s| {
+        let slot = &s["apps"][0]["slots"][0];
+        slot["state"] == "crash-looping" && slot["restart_in_ms"].as_u64() > Some(5_000)
+    });
+    let restarts = s["apps"][0]["slots"][0]["restarts"].as_u64().unwrap();
+    assert!(restarts >= 2, "{s}");
+    let (code, stdout, stderr) = cli(&m, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("crash-looping"))
+        .unwrap_or_else(|| panic!("no crash-looping slot in:\n{stdout}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    // slot, pid, state, uptime, restarts, passed, then the note.
+    assert_eq!(&cols[..3], ["0", "-", "crash-looping"], "{line}");
+    assert_eq!(cols[4], restarts.to_string(), "{line}");
+    assert!(
+        line.contains("restarts in ") && line.contains("crashes in a row"),
+        "{line}"
+    );
+}
+
+/// `--name` finds a master that was started with its own `--control` (and no `--name`:
+/// its name comes from the command), and a name no master has gets an error that says
+/// where it looked and how to reach such a master.
+#[test]
+fn name_finds_a_master_with_its_own_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("ux-find-me-{}", std::process::id());
+    std::os::unix::fs::symlink(FIXTURE, dir.path().join(&name)).unwrap();
+    let m = run_in(dir, &["--", &format!("{{dir}}/{name}")]);
+    m.wait_ready(1);
+    // A runtime dir of its own: the master's socket is not at the default path.
+    let runtime = tempfile::tempdir().unwrap();
+    let client = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = client(&["status", "--name", &name]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with(&format!("{name}  size 1")), "{stdout}");
+
+    let (code, _, stderr) = client(&["status", "--name", "ux-no-such-master"]);
+    assert_eq!(code, Some(2));
+    let default = runtime.path().join("processes/ux-no-such-master.sock");
+    assert!(
+        stderr.contains(&default.display().to_string()) && stderr.contains("`--control PATH`"),
+        "{stderr}"
     );
 }

@@ -213,9 +213,18 @@ fn sigterm_stops_cooperative_workers_at_once() {
     m.signal(libc::SIGTERM);
     assert!(m.wait_exit(Duration::from_secs(20)).success());
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // The master sent that SIGTERM: a stop, logged as one, not as a kill.
     assert_eq!(
-        m.out.matching("was killed by SIGTERM").len(),
+        m.out.matching("stopped by SIGTERM").len(),
         3,
+        "{}",
+        m.out.text()
+    );
+    for (_, l) in m.out.matching("stopped by SIGTERM") {
+        assert!(l.ends_with("(shutdown)"), "{l}");
+    }
+    assert!(
+        m.out.matching("was killed by").is_empty(),
         "{}",
         m.out.text()
     );
@@ -242,6 +251,13 @@ fn a_second_sigint_kills_at_once() {
     m.signal(libc::SIGINT);
     assert!(m.wait_exit(Duration::from_secs(10)).success());
     assert!(t0.elapsed() < Duration::from_secs(5));
+    // The master's own SIGKILL: a forced stop, not a kill by someone else.
+    m.wait_log("stopped by SIGKILL");
+    assert!(
+        m.out.matching("was killed by").is_empty(),
+        "{}",
+        m.out.text()
+    );
 }
 
 #[test]
