@@ -82,6 +82,9 @@ impl Violation {
 pub enum Incoming {
     /// One message, with the fd that Node's rules attach to it.
     Message(Value, Option<OwnedFd>),
+    /// One of the replies every passed connection brings, recognised from its bytes
+    /// ([`crate::node::recognise`]): no JSON value was built, and it carries no fd.
+    Known(crate::node::FromWorker),
     /// The channel is closed: by the worker (`None`) or cut off by us.
     Closed(Option<Violation>),
 }
@@ -139,38 +142,58 @@ impl Decoder {
 
     /// Appends bytes and returns every complete message.
     pub fn push_bytes(&mut self, data: &[u8]) -> Result<Vec<(Value, Option<OwnedFd>)>, Violation> {
+        self.push_lines(data, parse_line)
+    }
+
+    /// Appends bytes and gives every complete line (without its newline) to `each`, with
+    /// the fds waiting to be claimed; returns what `each` made of them. Lines over
+    /// [`MAX_LINE`] are refused.
+    pub fn push_lines<T>(
+        &mut self,
+        data: &[u8],
+        mut each: impl FnMut(&[u8], &mut VecDeque<OwnedFd>) -> Result<T, Violation>,
+    ) -> Result<Vec<T>, Violation> {
+        let Decoder { buf, fds } = self;
         let mut out = Vec::new();
         let mut rest = data;
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-            let line_bytes: &[u8] = if self.buf.is_empty() {
+            let line_bytes: &[u8] = if buf.is_empty() {
                 &rest[..nl]
             } else {
-                if self.buf.len() + nl > MAX_LINE {
+                if buf.len() + nl > MAX_LINE {
                     return Err(Violation::LineTooLong);
                 }
-                self.buf.extend_from_slice(&rest[..nl]);
-                &self.buf
+                buf.extend_from_slice(&rest[..nl]);
+                buf
             };
             if line_bytes.len() > MAX_LINE {
                 return Err(Violation::LineTooLong);
             }
-            let value: Value =
-                serde_json::from_slice(line_bytes).map_err(Violation::InvalidJson)?;
-            self.buf.clear();
-            let fd = if is_handle(&value) {
-                self.fds.pop_front()
-            } else {
-                None
-            };
-            out.push((value, fd));
+            out.push(each(line_bytes, fds)?);
+            buf.clear();
             rest = &rest[nl + 1..];
         }
-        if self.buf.len() + rest.len() > MAX_LINE {
+        if buf.len() + rest.len() > MAX_LINE {
             return Err(Violation::LineTooLong);
         }
-        self.buf.extend_from_slice(rest);
+        buf.extend_from_slice(rest);
         Ok(out)
     }
+}
+
+/// One line as JSON, with the fd Node's rule gives it: the first waiting, if it is a
+/// `NODE_HANDLE`.
+pub fn parse_line(
+    line: &[u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> Result<(Value, Option<OwnedFd>), Violation> {
+    let value: Value = serde_json::from_slice(line).map_err(Violation::InvalidJson)?;
+    let fd = if is_handle(&value) {
+        fds.pop_front()
+    } else {
+        None
+    };
+    Ok((value, fd))
 }
 
 impl Drop for Decoder {
@@ -263,10 +286,16 @@ async fn run<E>(
                         if let Err(v) = decoder.push_fds(fds) {
                             return Some(v);
                         }
-                        match decoder.push_bytes(&buf[..n]) {
+                        let msgs = decoder.push_lines(&buf[..n], |line, fds| {
+                            match crate::node::recognise(line) {
+                                Some(known) => Ok(Incoming::Known(known)),
+                                None => parse_line(line, fds).map(|(v, fd)| Incoming::Message(v, fd)),
+                            }
+                        });
+                        match msgs {
                             Ok(msgs) => {
-                                for (value, fd) in msgs {
-                                    if events.send(wrap(Incoming::Message(value, fd))).await.is_err() {
+                                for msg in msgs {
+                                    if events.send(wrap(msg)).await.is_err() {
                                         return None;
                                     }
                                 }
@@ -453,6 +482,16 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(wsender.send(Outgoing::json(&json!({"cmd":"NODE_HANDLE_ACK"}), None)));
+        // Recognised from its bytes, without a JSON value.
+        match events.recv().await.unwrap() {
+            Incoming::Known(crate::node::FromWorker::HandleAck) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        // The same message written otherwise is parsed.
+        assert!(wsender.send(Outgoing {
+            line: b"{ \"cmd\": \"NODE_HANDLE_ACK\" }\n".to_vec(),
+            fd: None
+        }));
         match events.recv().await.unwrap() {
             Incoming::Message(v, fd) => {
                 assert_eq!(v["cmd"], "NODE_HANDLE_ACK");

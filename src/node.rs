@@ -116,6 +116,43 @@ fn seq_of(v: &Value) -> Option<u64> {
     v.get("seq").and_then(Value::as_u64)
 }
 
+/// The two messages every connection passed to a Node worker brings back, recognised from
+/// the bytes Node writes for them — `{"cmd":"NODE_HANDLE_ACK"}` and
+/// `{"cmd":"NODE_CLUSTER","ack":N,"accepted":true|false,"seq":M}` — without building a JSON
+/// value. Anything else, even the same message spaced or ordered otherwise, is `None`
+/// and goes through the parser and [`classify`], which agree with this wherever it
+/// answers (a property test says so).
+pub fn recognise(line: &[u8]) -> Option<FromWorker> {
+    if line == br#"{"cmd":"NODE_HANDLE_ACK"}"# {
+        return Some(FromWorker::HandleAck);
+    }
+    let rest = line.strip_prefix(br#"{"cmd":"NODE_CLUSTER","ack":"#)?;
+    let (ack, rest) = json_u64(rest)?;
+    let (accepted, rest) = match rest.strip_prefix(br#","accepted":true"#) {
+        Some(r) => (true, r),
+        None => (false, rest.strip_prefix(br#","accepted":false"#)?),
+    };
+    let (_seq, rest) = json_u64(rest.strip_prefix(br#","seq":"#)?)?;
+    (rest == b"}").then_some(FromWorker::Reply {
+        ack,
+        accepted: Some(accepted),
+    })
+}
+
+/// A JSON integer that fits a `u64` at the start of `b`, and what follows it. Declines
+/// leading zeros (not JSON) and anything that overflows.
+fn json_u64(b: &[u8]) -> Option<(u64, &[u8])> {
+    let len = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if len == 0 || (len > 1 && b[0] == b'0') {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in &b[..len] {
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some((n, &b[len..]))
+}
+
 /// Classifies one message from a worker. Malformed cluster messages become
 /// `OtherCluster`/`OtherInternal`, never an error: the master ignores what it does not
 /// understand.
@@ -294,6 +331,71 @@ mod tests {
 
     fn parse(s: &str) -> Value {
         serde_json::from_str(s).unwrap()
+    }
+
+    /// The replies as Node writes them (shared/node-ipc/trace_rr.txt) are recognised, and
+    /// as the parser would classify them.
+    #[test]
+    fn the_hot_replies_are_recognised_from_their_bytes() {
+        for line in [
+            r#"{"cmd":"NODE_HANDLE_ACK"}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":0,"accepted":false,"seq":0}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":18446744073709551615,"accepted":true,"seq":7}"#,
+        ] {
+            let fast = recognise(line.as_bytes());
+            assert!(fast.is_some(), "{line}");
+            assert_eq!(fast.unwrap(), classify(&parse(line)), "{line}");
+        }
+        // Other forms go to the parser: spacing, order, other keys, numbers a u64 or JSON
+        // does not take, a trailing byte.
+        for line in [
+            r#"{"cmd": "NODE_HANDLE_ACK"}"#,
+            r#"{"cmd":"NODE_CLUSTER","accepted":true,"ack":1,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3,"x":1}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":01,"accepted":true,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":18446744073709551616,"accepted":true,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":-1,"accepted":true,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1.5,"accepted":true,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":null,"seq":3}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3} "#,
+            r#"{"cmd":"NODE_HANDLE_ACK"} "#,
+        ] {
+            assert_eq!(recognise(line.as_bytes()), None, "{line}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Wherever the fast path answers, the parser and `classify` say the same; and it
+        /// answers for every reply Node can write.
+        #[test]
+        fn recognise_agrees_with_the_parser(
+            ack in proptest::prelude::any::<u64>(),
+            seq in proptest::prelude::any::<u64>(),
+            accepted in proptest::prelude::any::<bool>(),
+            noise in "[ -~]{0,80}",
+            cut in 0usize..80,
+        ) {
+            let line = format!(r#"{{"cmd":"NODE_CLUSTER","ack":{ack},"accepted":{accepted},"seq":{seq}}}"#);
+            proptest::prop_assert_eq!(
+                recognise(line.as_bytes()),
+                Some(FromWorker::Reply { ack, accepted: Some(accepted) })
+            );
+            // Mangled variants: a cut, an insertion of printable noise.
+            let at = cut.min(line.len());
+            for candidate in [
+                format!("{}{}", &line[..at], &line[at..].get(1..).unwrap_or("")),
+                format!("{}{}{}", &line[..at], noise, &line[at..]),
+                noise.clone(),
+            ] {
+                if let Some(fast) = recognise(candidate.as_bytes()) {
+                    let parsed: Value = serde_json::from_str(&candidate)
+                        .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{candidate}: {e}")))?;
+                    proptest::prop_assert_eq!(fast, classify(&parsed), "{}", candidate);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1320,7 +1320,10 @@ impl Master {
     fn on_event(&mut self, ev: Event) {
         match ev {
             // Messages that change state mark the loop dirty themselves (`on_message`).
-            Event::Channel(id, Incoming::Message(value, fd)) => self.on_message(id, value, fd),
+            Event::Channel(id, Incoming::Message(value, fd)) => {
+                self.on_message(id, node::classify(&value), fd)
+            }
+            Event::Channel(id, Incoming::Known(msg)) => self.on_message(id, msg, None),
             Event::Channel(id, Incoming::Closed(reason)) => {
                 self.dirty = true;
                 self.on_channel_closed(id, reason)

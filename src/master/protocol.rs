@@ -17,10 +17,14 @@ use super::*;
 impl Master {
     // ---- the channel protocol -----------------------------------------------------------
 
-    pub(super) fn on_message(&mut self, id: WorkerId, value: Value, fd: Option<OwnedFd>) {
-        let Some(io) = self.io.get(&id) else { return };
+    pub(super) fn on_message(&mut self, id: WorkerId, msg: FromWorker, fd: Option<OwnedFd>) {
+        let Some(io) = self.io.get(&id) else {
+            if let Some(fd) = fd {
+                unix::close_later(fd);
+            }
+            return;
+        };
         let app = io.app;
-        let msg = node::classify(&value);
         // Acknowledgements, replies and load reports are the hot path and change no plan.
         if !matches!(
             msg,
