@@ -11,6 +11,8 @@
 # Usage: benches/ab.sh [--rounds N] [--duration SECONDS] VARIANT...
 # Variants:
 #   processes            processes run -i 2 --dispatch round-robin (as shipped)
+#   bin=PATH             the same with another build of processes (e.g. an older commit's
+#                        target/release/processes, from a git worktree)
 #   no-preload           the same with `preload = false`
 #   preload=FILE         `preload = false` and NODE_OPTIONS="--require FILE" instead
 #                        (e.g. an older src/preload.js: git show REV:src/preload.js > FILE)
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift ;;
     -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     preload=?*) VARIANTS+=("preload=$(realpath -e "${1#preload=}" 2>/dev/null || echo "${1#preload=}")") ;;
+    bin=?*) VARIANTS+=("bin=$(realpath -e "${1#bin=}" 2>/dev/null || echo "${1#bin=}")") ;;
     processes|no-preload|other|node|slice=[0-9]*|batch-slice=[0-9]*) VARIANTS+=("$1") ;;
     *) echo "ab.sh: unknown argument or variant: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -39,7 +42,10 @@ while [ $# -gt 0 ]; do
 done
 [ ${#VARIANTS[@]} -gt 0 ] || { echo "ab.sh: name at least one variant (see --help)" >&2; exit 2; }
 for v in "${VARIANTS[@]}"; do
-  case "$v" in preload=*) [ -f "${v#preload=}" ] || { echo "ab.sh: no such file: ${v#preload=}" >&2; exit 2; } ;; esac
+  case "$v" in
+    preload=*) [ -f "${v#preload=}" ] || { echo "ab.sh: no such file: ${v#preload=}" >&2; exit 2; } ;;
+    bin=*) [ -x "${v#bin=}" ] || { echo "ab.sh: not an executable: ${v#bin=}" >&2; exit 2; } ;;
+  esac
 done
 command -v wrk >/dev/null || { echo "ab.sh: needs wrk (apt-get install wrk)" >&2; exit 2; }
 
@@ -96,7 +102,7 @@ ticks() { # utime+stime clock ticks summed over pids
 }
 
 start() { # variant port
-  local v="$1" port="$2" preload=true extra=""
+  local v="$1" port="$2" preload=true extra="" bin="$BIN"
   case "$v" in
     node)
       (cd "$APP_DIR" && PORT="$port" NODE_CLUSTER_SCHED_POLICY=rr exec setsid node "$TMP/cluster.js" server.js) \
@@ -104,6 +110,7 @@ start() { # variant port
       PID=$!
       return ;;
     no-preload) preload=false ;;
+    bin=*) bin="${v#bin=}" ;;
     preload=*) preload=false
       extra="env = { NODE_OPTIONS = \"--require ${v#preload=}\", PROCESSES_SAMPLE_MS = \"1000\" }" ;;
   esac
@@ -117,7 +124,7 @@ dispatch = "round-robin"
 preload = $preload
 $extra
 EOF
-  setsid "$BIN" run -c "$TMP/c.toml" --control "$TMP/ctl.sock" >"$TMP/log" 2>&1 &
+  setsid "$bin" run -c "$TMP/c.toml" --control "$TMP/ctl.sock" >"$TMP/log" 2>&1 &
   PID=$!
 }
 
