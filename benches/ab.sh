@@ -89,17 +89,6 @@ if libc.syscall(314, int(sys.argv[1]), attr, 0) != 0:
 EOF
 }
 
-ticks() { # utime+stime clock ticks summed over pids
-  local t=0 p f
-  for p in "$@"; do
-    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
-    f="${f##*) }"
-    # shellcheck disable=SC2086
-    set -- $f
-    t=$((t + ${12} + ${13}))
-  done
-  echo "$t"
-}
 
 start() { # variant port
   local v="$1" port="$2" preload=true extra="" bin="$BIN"

@@ -202,16 +202,6 @@ worker_pids() {
   esac
 }
 
-ticks() { # sum of utime+stime (clock ticks) over the given pids
-  local t=0 p f
-  for p in "$@"; do
-    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
-    f="${f##*) }"
-    set -- $f
-    t=$((t + ${12} + ${13}))
-  done
-  echo "$t"
-}
 
 # ---------------------------------------------------------------- measuring
 # results: lines "setup load rps p99_ms errors mgr_cpu workers_cpu wrk_cpu others_cpu noisy" in $TMP/results

@@ -13,6 +13,19 @@ build_release() {
   (cd "$1" && cargo build --release --quiet) >&2
 }
 
+# ticks PID...: utime+stime clock ticks summed over the given processes (gone ones count 0)
+ticks() {
+  local t=0 p f
+  for p in "$@"; do
+    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+    f="${f##*) }"
+    # shellcheck disable=SC2086
+    set -- $f
+    t=$((t + ${12} + ${13}))
+  done
+  echo "$t"
+}
+
 # user+nice+system clock ticks of the whole machine, all CPUs
 cpu_busy() { awk '$1 == "cpu" { print $2 + $3 + $4; exit }' /proc/stat; }
 
