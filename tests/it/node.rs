@@ -780,14 +780,15 @@ fn node_workers_report_the_connections_they_hold_open() {
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     let s = m.wait_status("5 open connections reported", |s| open_sum(s) == 5);
-    // Both workers took some (round-robin), and each counts only its own.
+    // Both workers took some, and each counts only its own. (Round-robin gives out only to
+    // a worker with nothing in flight, so a slow ACK can tilt the split: not even.)
     let per_worker: Vec<u64> = s["apps"][0]["workers"]
         .as_array()
         .unwrap()
         .iter()
         .map(|w| w["open"].as_u64().unwrap_or(0))
         .collect();
-    assert!(per_worker.iter().all(|&n| n >= 2), "{s}");
+    assert!(per_worker.iter().all(|&n| n >= 1), "{s}");
     // Answered requests on fresh connections come and go.
     for _ in 0..10 {
         http_get(port, Duration::from_secs(5)).unwrap_or_else(|e| m.fail(&e.to_string()));
