@@ -306,6 +306,16 @@ impl Drop for Master {
     }
 }
 
+/// The app named `name` in a status value.
+pub fn app_named<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no app {name} in {s}"))
+}
+
 /// Worker pids of app 0 from a status value.
 pub fn pids(status: &Value) -> Vec<i32> {
     status["apps"][0]["workers"]

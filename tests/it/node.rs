@@ -1031,16 +1031,6 @@ fn a_connection_every_worker_refuses_is_closed_after_eight_tries() {
     assert_eq!(passed, Some(8));
 }
 
-/// The app named `name` in a status value.
-fn app_named<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["apps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == name)
-        .unwrap_or_else(|| panic!("no app {name} in {s}"))
-}
-
 /// The worker of app `name` in `slot`, from a status value.
 fn worker_of<'a>(s: &'a Value, name: &str, slot: u64) -> &'a Value {
     app_named(s, name)["workers"]

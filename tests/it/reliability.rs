@@ -804,15 +804,6 @@ fn log_time(line: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(h * 3600.0 + m * 60.0 + s))
 }
 
-fn app_named<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["apps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == name)
-        .unwrap_or_else(|| panic!("no app {name} in {s}"))
-}
-
 /// An app whose workers exit at once, for ever: every restart waits what the backoff says
 /// (logged delay, and the measured gap from exit to the next start), the slots show
 /// crash-looping, the master uses under 5 % of a core, and the other app in the same master
