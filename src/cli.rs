@@ -305,21 +305,10 @@ fn err(field: &str, msg: impl Into<String>) -> ConfigError {
 }
 
 impl RunArgs {
-    /// The master's name: `--name`, else the app's name, else the config file's stem.
-    pub fn master_name(&self, config: &Config) -> String {
-        if self.name.is_none() && self.config.is_none() {
-            return config
-                .apps
-                .first()
-                .map(|a| a.name.to_string())
-                .unwrap_or_else(|| "processes".into());
-        }
-        self.name_from_flags()
-    }
-
-    /// [`RunArgs::master_name`] from the flags alone (what a client reading a master's
-    /// command line can work out).
-    fn name_from_flags(&self) -> String {
+    /// The master's name: `--name`, else the config file's stem, else the app's name as
+    /// the command gives it. From the flags alone, so a client reading a master's command
+    /// line works out the same name.
+    pub fn master_name(&self) -> String {
         if let Some(n) = &self.name {
             return n.clone();
         }
@@ -329,6 +318,7 @@ impl RunArgs {
                 .and_then(|s| s.to_str())
                 .unwrap_or("processes")
                 .to_string(),
+            // The name `app_from_flags` gives the app.
             None => config::default_name(&self.command),
         }
     }
@@ -681,7 +671,7 @@ fn running_masters() -> Vec<(String, PathBuf)> {
         else {
             continue;
         };
-        let name = args.name_from_flags();
+        let name = args.master_name();
         let control = match &args.control {
             Some(c) if c.is_relative() => match std::fs::read_link(pid.join("cwd")) {
                 Ok(cwd) => cwd.join(c),

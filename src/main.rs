@@ -29,7 +29,7 @@ fn main() -> ExitCode {
                     None
                 }
             };
-            let name = args.master_name(&config);
+            let name = args.master_name();
             let opts = master::Options {
                 config,
                 name,
