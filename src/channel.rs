@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
@@ -91,7 +92,7 @@ pub enum Incoming {
 
 /// An fd the master holds while it is also on its way to a worker: sharing it costs no
 /// `dup`, and the master's copy stays usable for a retransmission or a re-dispatch.
-pub type SharedFd = std::sync::Arc<OwnedFd>;
+pub type SharedFd = Arc<OwnedFd>;
 
 /// A line to send, with at most one fd.
 #[derive(Debug)]
@@ -112,13 +113,65 @@ impl Outgoing {
 
 /// The master's handle for sending on one channel. Sending never blocks; dropping every
 /// clone closes the master's end after queued lines are written.
+///
+/// A line goes out with a `sendmsg` from the sender's own thread when nothing is queued
+/// ahead of it (the usual case: a connection's `newconn` to an idle worker); only what the
+/// socket does not take at once is handed to the channel's task, which waits for the
+/// socket to drain. That saves the task a wake-up per line on the hot path.
 #[derive(Debug, Clone)]
-pub struct Sender(mpsc::UnboundedSender<Outgoing>);
+pub struct Sender {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    fd: AsyncFd<OwnedFd>,
+    state: Mutex<SendState>,
+}
+
+#[derive(Debug, Default)]
+struct SendState {
+    /// Lines handed to the task and not yet written whole. A sender writes directly only
+    /// when this is 0, so lines go out in the order they were sent.
+    queued: usize,
+    /// The task has ended: nothing more goes out.
+    closed: bool,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, SendState> {
+        // A panic while holding it cannot leave the counts half-changed: recover.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 impl Sender {
-    /// Queues a message. Returns false (and drops any fd) if the channel is closed.
-    pub fn send(&self, msg: Outgoing) -> bool {
-        self.0.send(msg).is_ok()
+    /// Sends a message, or queues it for the channel's task. Returns false (and drops any
+    /// fd) if the channel is closed.
+    pub fn send(&self, mut msg: Outgoing) -> bool {
+        let mut st = self.shared.state();
+        if st.closed {
+            return false;
+        }
+        if st.queued == 0 {
+            match write_line(self.shared.fd.get_ref().as_raw_fd(), &msg, 0) {
+                Ok(n) if n == msg.line.len() => return true,
+                Ok(0) => {}
+                Ok(n) => {
+                    // The fd went with the first part; the rest goes without it.
+                    msg.line.drain(..n);
+                    msg.fd = None;
+                }
+                // The task sees the broken socket too, and reports it.
+                Err(_) => return false,
+            }
+        }
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        st.queued += 1;
+        true
     }
 }
 
@@ -217,20 +270,33 @@ pub fn start<E: Send + 'static>(
     wrap: impl Fn(Incoming) -> E + Send + Sync + 'static,
 ) -> io::Result<Sender> {
     let fd = crate::unix::async_fd(fd, Interest::READABLE | Interest::WRITABLE)?;
+    let shared = Arc::new(Shared {
+        fd,
+        state: Mutex::new(SendState::default()),
+    });
     let (tx, rx) = mpsc::unbounded_channel();
+    let task_shared = shared.clone();
     tokio::spawn(async move {
-        let reason = run(fd, rx, &events, &wrap).await;
+        let reason = run(&task_shared, rx, &events, &wrap).await;
+        task_shared.state().closed = true;
+        if reason.is_some() {
+            // Cut off: the worker sees EOF now, not when the master drops its senders.
+            // SAFETY: shutdown on an fd we own; it only changes the socket's state.
+            unsafe { libc::shutdown(task_shared.fd.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        drop(task_shared);
         let _ = events.send(wrap(Incoming::Closed(reason))).await;
     });
-    Ok(Sender(tx))
+    Ok(Sender { tx, shared })
 }
 
 async fn run<E>(
-    fd: AsyncFd<OwnedFd>,
+    shared: &Shared,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     events: &mpsc::Sender<E>,
     wrap: &impl Fn(Incoming) -> E,
 ) -> Option<Violation> {
+    let fd = &shared.fd;
     let mut decoder = Decoder::default();
     // One read buffer for the channel's life.
     let mut buf = vec![0u8; 64 * 1024];
@@ -252,7 +318,7 @@ async fn run<E>(
                     }
                     queue.push_back(msg);
                     // Opportunistic write: most lines go out without waiting.
-                    if let Err(e) = flush(&fd, &mut queue, &mut written) {
+                    if let Err(e) = flush(shared, &mut queue, &mut written) {
                         return Some(Violation::Io(e));
                     }
                 }
@@ -260,7 +326,7 @@ async fn run<E>(
             },
             guard = fd.writable(), if !queue.is_empty() => {
                 let Ok(mut guard) = guard else { return Some(Violation::Io(io::Error::other("poll failed"))) };
-                match flush(&fd, &mut queue, &mut written) {
+                match flush(shared, &mut queue, &mut written) {
                     Ok(()) => {
                         if !queue.is_empty() {
                             guard.clear_ready();
@@ -348,19 +414,34 @@ fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
     Ok(Read::Data(n, fds))
 }
 
-/// Writes as much of the queue as the socket takes. The fd rides on the first `sendmsg` of
-/// its line; a partial write sends the rest without it.
-fn flush(
-    fd: &AsyncFd<OwnedFd>,
-    queue: &mut VecDeque<Outgoing>,
-    written: &mut usize,
-) -> io::Result<()> {
-    let raw = fd.get_ref().as_raw_fd();
-    while let Some(front) = queue.front_mut() {
-        let data = &front.line[*written..];
-        let iov = [IoSlice::new(data)];
-        let result = match front.fd.as_ref() {
-            Some(pass) if *written == 0 => {
+/// Writes as much of the queue as the socket takes, and tells the senders each line that
+/// is out whole.
+fn flush(shared: &Shared, queue: &mut VecDeque<Outgoing>, written: &mut usize) -> io::Result<()> {
+    let raw = shared.fd.get_ref().as_raw_fd();
+    while let Some(front) = queue.front() {
+        let n = write_line(raw, front, *written)?;
+        if n == 0 {
+            return Ok(());
+        }
+        *written += n;
+        if *written >= front.line.len() {
+            // The kernel holds its own reference to a passed fd from here on, so our copy
+            // can close now (NODE-IPC.md §5, pitfall 2).
+            queue.pop_front();
+            *written = 0;
+            shared.state().queued -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// One `sendmsg` of `msg.line` from byte `from`: the fd rides on the first byte of its
+/// line, as libuv sends it. Returns the bytes written, 0 when the socket is full.
+fn write_line(raw: RawFd, msg: &Outgoing, from: usize) -> io::Result<usize> {
+    let iov = [IoSlice::new(&msg.line[from..])];
+    loop {
+        let result = match msg.fd.as_ref() {
+            Some(pass) if from == 0 => {
                 let fds = [pass.as_raw_fd()];
                 sendmsg::<()>(
                     raw,
@@ -373,21 +454,12 @@ fn flush(
             _ => sendmsg::<()>(raw, &iov, &[], MsgFlags::MSG_NOSIGNAL, None),
         };
         match result {
-            Ok(n) => {
-                *written += n;
-                if *written >= front.line.len() {
-                    // The kernel holds its own reference to a passed fd from here on, so
-                    // our copy can close now (NODE-IPC.md §5, pitfall 2).
-                    queue.pop_front();
-                    *written = 0;
-                }
-            }
+            Ok(n) => return Ok(n),
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(0),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
