@@ -281,6 +281,19 @@ pub fn newconn(seq: u64, key: &str) -> Value {
     })
 }
 
+/// [`newconn`] as the line that goes on the wire, written without building a JSON value:
+/// one of these goes out per connection.
+pub fn newconn_line(seq: u64, key: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut line = Vec::with_capacity(96 + key.len());
+    line.extend_from_slice(br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"#);
+    // A key is a string from a worker: escaped as JSON, it cannot break the line.
+    let _ = serde_json::to_writer(&mut line, key);
+    let _ = write!(line, r#","seq":{seq}}}}}"#);
+    line.push(b'\n');
+    line
+}
+
 /// One connection for a worker that is not a cluster server: a plain Node child gets it
 /// as `process.on('message', (msg, socket) => …)`; other runtimes read the same envelope.
 pub fn connection(listener: usize, local: &str) -> Value {
@@ -395,6 +408,17 @@ mod tests {
                     proptest::prop_assert_eq!(fast, classify(&parsed), "{}", candidate);
                 }
             }
+        }
+
+        /// The `newconn` line written by hand is one line of exactly the JSON value
+        /// [`newconn`] builds, whatever the key holds.
+        #[test]
+        fn newconn_line_is_the_newconn_value(seq in proptest::prelude::any::<u64>(), key in "\\PC{0,40}|[\"\\\\\n\u{0}-\u{1f}]{0,8}") {
+            let line = newconn_line(seq, &key);
+            proptest::prop_assert_eq!(line.last(), Some(&b'\n'));
+            proptest::prop_assert!(!line[..line.len() - 1].contains(&b'\n'));
+            let parsed: Value = serde_json::from_slice(&line).unwrap();
+            proptest::prop_assert_eq!(parsed, newconn(seq, &key));
         }
     }
 

@@ -42,9 +42,19 @@ mod record;
 mod sampling;
 mod status;
 
-/// Connections a listener may hold accepted-but-not-yet-passed before the master stops
-/// accepting and lets the kernel's backlog queue the rest.
+/// The most connections a listener may hold in the master, queued or passed and not yet
+/// taken, before it stops accepting and lets the kernel's backlog queue the rest. The
+/// cap in force is smaller: see [`accept_cap`].
 pub const MAX_QUEUED_PER_LISTENER: usize = 256;
+
+/// How many connections a listener holds in the master (queued, or passed and not yet
+/// taken) for an app of `workers` workers: one in flight for each, and one more ready for
+/// whichever frees first. The rest wait in the kernel's backlog, where they cost nothing:
+/// a master that accepted everything ended each burst with an `accept4` that failed with
+/// `EAGAIN`, half a syscall per connection (BENCHMARKS.md, "accepting ahead").
+pub fn accept_cap(workers: usize) -> usize {
+    (workers + 1).clamp(2, MAX_QUEUED_PER_LISTENER)
+}
 /// Listeners the workers of one app may have the master bind on request (Node's
 /// `listen()` on ports the config does not name).
 pub const MAX_REQUESTED_LISTENERS: usize = 64;
@@ -95,6 +105,47 @@ pub enum Event {
     Notify(i32, Notice),
     Accepted(usize, OwnedFd, OwnedSemaphorePermit),
     Control(Request, control::Responder),
+    Signal(Sig),
+}
+
+/// The signals the master acts on.
+#[derive(Debug, Clone, Copy)]
+pub enum Sig {
+    Chld,
+    Term,
+    Int,
+    Hup,
+    Ttin,
+    Ttou,
+}
+
+struct Signals {
+    chld: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    ttin: tokio::signal::unix::Signal,
+    ttou: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Sends each signal to the loop as it comes, until the loop is gone.
+    async fn forward(mut self, events: mpsc::Sender<Event>) {
+        loop {
+            let sig = tokio::select! {
+                Some(()) = self.chld.recv() => Sig::Chld,
+                Some(()) = self.term.recv() => Sig::Term,
+                Some(()) = self.int.recv() => Sig::Int,
+                Some(()) = self.hup.recv() => Sig::Hup,
+                Some(()) = self.ttin.recv() => Sig::Ttin,
+                Some(()) = self.ttou.recv() => Sig::Ttou,
+                else => return,
+            };
+            if events.send(Event::Signal(sig)).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// A listening socket and what the master knows about it.
@@ -112,10 +163,17 @@ struct ListenerEntry {
     /// The master accepts on it and passes connections.
     passing: bool,
     queue: VecDeque<Queued>,
-    accept_started: bool,
+    /// Set once the master accepts on it: the permits that cap what it holds.
+    accepting: Option<Accepting>,
     passed: u64,
     /// Connections closed because every worker refused them.
     closed_refused: u64,
+}
+
+struct Accepting {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The permits there are, given out or not.
+    cap: usize,
 }
 
 struct Queued {
@@ -127,7 +185,8 @@ struct Queued {
 
 /// A handle sent and not yet acknowledged.
 struct HandleInFlight {
-    value: Value,
+    /// The line as sent, for a retransmission.
+    line: Vec<u8>,
     fd: crate::channel::SharedFd,
     retries: u32,
 }
@@ -162,7 +221,7 @@ struct WorkerIo {
     said_ready: bool,
     /// Node's rule: while a handle is unacknowledged, every later message waits.
     awaiting_ack: Option<HandleInFlight>,
-    held: VecDeque<(Value, Option<crate::channel::SharedFd>)>,
+    held: VecDeque<(Vec<u8>, Option<crate::channel::SharedFd>)>,
     conn: Option<ConnInFlight>,
     passed: u64,
     /// Connections given to it, counted from the level it joined at (see `dispatch`).
@@ -215,6 +274,8 @@ struct Master {
     advertise: String,
     /// The Prometheus recorder, when `--metrics` is on.
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Reused by `dispatch` for its candidate list.
+    candidates: Vec<crate::dispatch::Candidate>,
 }
 
 /// Starts the master and runs it until it stops. Returns the process exit code.
@@ -267,7 +328,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 udp: false,
                 passing,
                 queue: VecDeque::new(),
-                accept_started: false,
+                accepting: None,
                 closed_refused: 0,
                 passed: 0,
             });
@@ -366,6 +427,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             advertise: String::new(),
             notified_ready: false,
             metrics: None,
+            candidates: Vec::new(),
         };
         if let Some(listener) = metrics_listener {
             match crate::metrics::install(opts.config.sample_interval) {
@@ -431,12 +493,17 @@ impl Master {
     async fn run(&mut self, mut events: mpsc::Receiver<Event>) -> i32 {
         // Registered before the first fork: an exit right after a fork leaves a pending
         // SIGCHLD that wakes us, so none is missed (see `unix::reap_exited`).
-        let mut sigchld = signal(SignalKind::child()).expect("SIGCHLD handler");
-        let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut sighup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-        let mut sigttin = signal(SignalKind::from_raw(libc::SIGTTIN)).expect("SIGTTIN handler");
-        let mut sigttou = signal(SignalKind::from_raw(libc::SIGTTOU)).expect("SIGTTOU handler");
+        let signals = Signals {
+            chld: signal(SignalKind::child()).expect("SIGCHLD handler"),
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN)).expect("SIGTTIN handler"),
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU)).expect("SIGTTOU handler"),
+        };
+        // Signals come through the event queue: the loop's every turn (one or two per
+        // connection) then polls one queue instead of six signal streams.
+        tokio::spawn(signals.forward(self.events.clone()));
 
         probes::register_or_warn();
         let mut tick = tokio::time::interval(self.sampling.interval);
@@ -489,12 +556,6 @@ impl Master {
             }
             tokio::select! {
                 biased;
-                _ = sigchld.recv() => { self.dirty = true; self.on_sigchld() }
-                _ = sigterm.recv() => { self.dirty = true; self.on_stop_signal("SIGTERM") }
-                _ = sigint.recv() => { self.dirty = true; self.on_stop_signal("SIGINT") }
-                _ = sighup.recv() => { self.dirty = true; self.on_sighup() }
-                _ = sigttin.recv() => { self.dirty = true; self.scale_by_hand(1) }
-                _ = sigttou.recv() => { self.dirty = true; self.scale_by_hand(-1) }
                 Some(ev) = events.recv() => {
                     self.on_event(ev);
                     // Drain what is already queued before planning again.
@@ -562,6 +623,7 @@ impl Master {
                 }
             }
         }
+        self.size_accept_caps();
     }
 
     fn act(&mut self, app: usize, action: Action, now: Instant) {
@@ -1343,6 +1405,17 @@ impl Master {
             Event::Control(req, responder) => {
                 self.dirty = true;
                 self.on_control(req, responder)
+            }
+            Event::Signal(sig) => {
+                self.dirty = true;
+                match sig {
+                    Sig::Chld => self.on_sigchld(),
+                    Sig::Term => self.on_stop_signal("SIGTERM"),
+                    Sig::Int => self.on_stop_signal("SIGINT"),
+                    Sig::Hup => self.on_sighup(),
+                    Sig::Ttin => self.scale_by_hand(1),
+                    Sig::Ttou => self.scale_by_hand(-1),
+                }
             }
         }
     }

@@ -101,31 +101,42 @@ impl Master {
     /// Sends a message (with a handle if `fd`), keeping Node's rule that nothing overtakes
     /// an unacknowledged handle. ACKs are exempt: they are never held.
     pub(super) fn send_raw(&mut self, id: WorkerId, value: Value, fd: Option<SharedFd>) {
+        let is_ack = value.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE_ACK");
+        let line = Outgoing::json(&value, None).line;
+        self.send_line(id, line, fd, is_ack);
+    }
+
+    /// [`Master::send_raw`] for a line already serialised (newline included).
+    fn send_line(&mut self, id: WorkerId, line: Vec<u8>, fd: Option<SharedFd>, is_ack: bool) {
         let Some(io) = self.io.get_mut(&id) else {
             return;
         };
-        let Some(ch) = io.channel.clone() else { return };
-        let is_ack = value.get("cmd").and_then(Value::as_str) == Some("NODE_HANDLE_ACK");
+        let Some(ch) = io.channel.as_ref() else {
+            return;
+        };
         if io.awaiting_ack.is_some() && !is_ack {
             if io.held.len() >= channel::MAX_QUEUED_OUT {
                 // It neither acknowledges the handle nor stops asking for replies.
                 self.on_channel_closed(id, Some(channel::Violation::NotReading));
                 return;
             }
-            io.held.push_back((value, fd));
+            io.held.push_back((line, fd));
             return;
         }
         match fd {
             Some(fd) => {
-                ch.send(Outgoing::json(&value, Some(fd.clone())));
+                ch.send(Outgoing {
+                    line: line.clone(),
+                    fd: Some(fd.clone()),
+                });
                 io.awaiting_ack = Some(HandleInFlight {
-                    value,
+                    line,
                     fd,
                     retries: 0,
                 });
             }
             None => {
-                ch.send(Outgoing::json(&value, None));
+                ch.send(Outgoing { line, fd: None });
             }
         }
     }
@@ -155,10 +166,10 @@ impl Master {
     /// lets dispatch use the worker again.
     fn release_held(&mut self, id: WorkerId) {
         while self.io.get(&id).is_some_and(|io| io.awaiting_ack.is_none()) {
-            let Some((v, fd)) = self.io.get_mut(&id).and_then(|io| io.held.pop_front()) else {
+            let Some((line, fd)) = self.io.get_mut(&id).and_then(|io| io.held.pop_front()) else {
                 break;
             };
-            self.send_raw(id, v, fd);
+            self.send_line(id, line, fd, false);
         }
         let app = self.io.get(&id).map(|io| io.app);
         if let Some(app) = app {
@@ -197,7 +208,10 @@ impl Master {
         // handle, so that one handle would be acknowledged twice and the second ACK would
         // count for the next handle (`node::node_acks_each_envelope_of_a_handle`).
         if let Some(ch) = io.channel.as_ref() {
-            ch.send(Outgoing::json(&h.value, Some(h.fd.clone())));
+            ch.send(Outgoing {
+                line: h.line.clone(),
+                fd: Some(h.fd.clone()),
+            });
         }
     }
 
@@ -441,7 +455,7 @@ impl Master {
             udp,
             passing: passing && !udp,
             queue: VecDeque::new(),
-            accept_started: false,
+            accepting: None,
             closed_refused: 0,
             passed: 0,
         });
@@ -452,15 +466,38 @@ impl Master {
 
     pub(super) fn start_accepting(&mut self, l: usize) {
         let entry = &mut self.listeners[l];
-        if !entry.passing || entry.accept_started || entry.udp {
+        if !entry.passing || entry.accepting.is_some() || entry.udp {
             return;
         }
         let Ok(fd) = entry.listener.fd.try_clone() else {
             return;
         };
-        entry.accept_started = true;
+        let cap = accept_cap(self.pools[entry.app].workers.len());
+        let permits = Arc::new(Semaphore::new(cap));
+        entry.accepting = Some(Accepting {
+            permits: permits.clone(),
+            cap,
+        });
         let events = self.events.clone();
-        tokio::spawn(accept_loop(l, fd, events));
+        tokio::spawn(accept_loop(l, fd, permits, events));
+    }
+
+    /// Moves each accepting listener's cap to its app's worker count ([`accept_cap`]).
+    /// Permits given out come back later: a smaller cap takes what it can now, and the
+    /// rest at a later turn.
+    pub(super) fn size_accept_caps(&mut self) {
+        for entry in &mut self.listeners {
+            let Some(acc) = entry.accepting.as_mut() else {
+                continue;
+            };
+            let want = accept_cap(self.pools[entry.app].workers.len());
+            if want > acc.cap {
+                acc.permits.add_permits(want - acc.cap);
+                acc.cap = want;
+            } else if want < acc.cap {
+                acc.cap -= acc.permits.forget_permits(acc.cap - want);
+            }
+        }
     }
 
     pub(super) fn dispatch_app(&mut self, app: usize) {
@@ -477,37 +514,43 @@ impl Master {
         while !self.listeners[l].queue.is_empty() {
             let app = self.listeners[l].app;
             let mode = self.pools[app].spec.dispatch();
-            let candidates: Vec<Candidate> = self.pools[app]
-                .workers
-                .values()
-                .filter(|w| w.state != WorkerState::Draining)
-                .filter_map(|w| {
-                    let io = self.io.get(&w.id)?;
-                    io.channel.as_ref()?;
-                    let eligible = if io.keys.contains_key(&l) {
-                        true
-                    } else {
-                        // A worker that is no cluster server takes plain connections from
-                        // a configured listener once it is ready. A Node worker must have
-                        // said so itself (`process.send('ready')`): one that is merely up
-                        // for `ready_after` may still be about to `listen()`, and a cluster
-                        // server would queue a plain socket message it never reads.
-                        self.listeners[l].configured
-                            && !io.queried_any
-                            && w.state == WorkerState::Ready
-                            && (!self.pools[app].spec.is_node() || io.said_ready)
-                    };
-                    eligible.then_some(Candidate {
-                        worker: w.id,
-                        in_flight: u32::from(io.conn.is_some() || io.awaiting_ack.is_some()),
-                        open: io.load.open,
-                        busy: w.busy.unwrap_or(0.0),
-                        served: io.served,
-                        lag_ms: io.load.lag(now).map_or(0, |l| l.as_millis() as u64),
-                    })
-                })
-                .collect();
-            let Some(target) = dispatch::choose(mode, &candidates) else {
+            // One list for the master's life: this runs once per connection.
+            let mut candidates = std::mem::take(&mut self.candidates);
+            candidates.clear();
+            candidates.extend(
+                self.pools[app]
+                    .workers
+                    .values()
+                    .filter(|w| w.state != WorkerState::Draining)
+                    .filter_map(|w| {
+                        let io = self.io.get(&w.id)?;
+                        io.channel.as_ref()?;
+                        let eligible = if io.keys.contains_key(&l) {
+                            true
+                        } else {
+                            // A worker that is no cluster server takes plain connections from
+                            // a configured listener once it is ready. A Node worker must have
+                            // said so itself (`process.send('ready')`): one that is merely up
+                            // for `ready_after` may still be about to `listen()`, and a cluster
+                            // server would queue a plain socket message it never reads.
+                            self.listeners[l].configured
+                                && !io.queried_any
+                                && w.state == WorkerState::Ready
+                                && (!self.pools[app].spec.is_node() || io.said_ready)
+                        };
+                        eligible.then_some(Candidate {
+                            worker: w.id,
+                            in_flight: u32::from(io.conn.is_some() || io.awaiting_ack.is_some()),
+                            open: io.load.open,
+                            busy: w.busy.unwrap_or(0.0),
+                            served: io.served,
+                            lag_ms: io.load.lag(now).map_or(0, |l| l.as_millis() as u64),
+                        })
+                    }),
+            );
+            let choice = dispatch::choose(mode, &candidates);
+            self.candidates = candidates;
+            let Some(target) = choice else {
                 return;
             };
             let Some(q) = self.listeners[l].queue.pop_front() else {
@@ -524,15 +567,13 @@ impl Master {
         };
         io.passed += 1;
         io.served += 1;
-        let (value, seq) = if let Some(key) = io.keys.get(&l).and_then(|k| k.first()) {
+        let (line, seq) = if let Some(key) = io.keys.get(&l).and_then(|k| k.first()) {
             let seq = io.seq;
             io.seq += 1;
-            (node::newconn(seq, key), Some(seq))
+            (node::newconn_line(seq, key), Some(seq))
         } else {
-            (
-                node::connection(l, &self.listeners[l].listener.local.to_string()),
-                None,
-            )
+            let value = node::connection(l, &self.listeners[l].listener.local.to_string());
+            (Outgoing::json(&value, None).line, None)
         };
         let copy = q.fd.clone();
         io.conn = Some(ConnInFlight {
@@ -550,7 +591,7 @@ impl Master {
             copy.as_raw_fd(),
             HandleKind::Connection,
         );
-        self.send_raw(id, value, Some(copy));
+        self.send_line(id, line, Some(copy), false);
     }
 }
 
@@ -621,11 +662,10 @@ fn bind_for_node(q: &node::QueryServer) -> std::io::Result<(OwnedFd, ListenAddr,
 
 /// Accepts connections on a passing listener and sends them to the loop. A semaphore caps
 /// how many wait in the master: past that, the kernel's backlog queues them.
-async fn accept_loop(l: usize, fd: OwnedFd, events: mpsc::Sender<Event>) {
+async fn accept_loop(l: usize, fd: OwnedFd, permits: Arc<Semaphore>, events: mpsc::Sender<Event>) {
     let Ok(afd) = unix::async_fd(fd, tokio::io::Interest::READABLE) else {
         return;
     };
-    let permits = Arc::new(Semaphore::new(MAX_QUEUED_PER_LISTENER));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;

@@ -339,6 +339,40 @@ fn commonjs_http_cluster_spreads_new_connections_evenly() {
     );
 }
 
+/// In pass mode the master takes connections from the kernel's backlog only as far as its
+/// workers can use them: one in flight for each and one more. The cap follows the pool as
+/// it is scaled up and down, and every connection is served throughout.
+#[test]
+fn the_master_holds_one_connection_per_worker_and_follows_the_pool() {
+    let m = run(&[
+        "-i",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready-after",
+        "20s",
+        "--",
+        "node",
+        &app("http.js"),
+    ]);
+    let port = m.port();
+    let status = m.wait_ready(2);
+    let name = status["apps"][0]["name"].as_str().unwrap().to_string();
+    let cap = |s: &Value| s["apps"][0]["listeners"][0]["accept_cap"].clone();
+    assert_eq!(cap(&status), 3, "{status}");
+    for (n, want) in [(5, 6), (1, 2)] {
+        let (code, out, err) = cli(&m, &["scale", &name, &n.to_string()]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        m.wait_status(&format!("{n} workers and a cap of {want}"), |s| {
+            let workers = s["apps"][0]["workers"].as_array().unwrap();
+            workers.len() == n && workers.iter().all(|w| w["state"] == "ready") && cap(s) == want
+        });
+        let counts = spread(&m, port, 100, 4);
+        assert_eq!(counts.values().sum::<usize>(), 100, "{counts:?}");
+        assert_eq!(counts.len(), n, "every worker serves: {counts:?}");
+    }
+}
+
 /// Case 2: The same server as an ES module (`.mjs`, `import`, top-level `await`).
 #[test]
 fn an_es_module_server_runs_as_a_cluster() {
