@@ -276,6 +276,8 @@ struct Master {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Reused by `dispatch` for its candidate list.
     candidates: Vec<crate::dispatch::Candidate>,
+    /// Lines for workers, sent at the end of the loop's turn (`flush_outbox`).
+    outbox: Vec<(WorkerId, Outgoing)>,
 }
 
 /// Starts the master and runs it until it stops. Returns the process exit code.
@@ -428,6 +430,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             notified_ready: false,
             metrics: None,
             candidates: Vec::new(),
+            outbox: Vec::new(),
         };
         if let Some(listener) = metrics_listener {
             match crate::metrics::install(opts.config.sample_interval) {
@@ -545,6 +548,7 @@ impl Master {
                 self.notify_ready_once();
                 self.update_registry();
                 if let Some(code) = self.finished() {
+                    self.flush_outbox();
                     return code;
                 }
                 deadline = self.next_deadline();
@@ -554,6 +558,7 @@ impl Master {
                         .unwrap_or_else(far),
                 );
             }
+            self.flush_outbox();
             tokio::select! {
                 biased;
                 Some(ev) = events.recv() => {

@@ -111,9 +111,9 @@ impl Master {
         let Some(io) = self.io.get_mut(&id) else {
             return;
         };
-        let Some(ch) = io.channel.as_ref() else {
+        if io.channel.is_none() {
             return;
-        };
+        }
         if io.awaiting_ack.is_some() && !is_ack {
             if io.held.len() >= channel::MAX_QUEUED_OUT {
                 // It neither acknowledges the handle nor stops asking for replies.
@@ -125,20 +125,35 @@ impl Master {
         }
         match fd {
             Some(fd) => {
-                ch.send(Outgoing {
-                    line: line.clone(),
-                    fd: Some(fd.clone()),
-                });
+                self.outbox.push((
+                    id,
+                    Outgoing {
+                        line: line.clone(),
+                        fd: Some(fd.clone()),
+                    },
+                ));
                 io.awaiting_ack = Some(HandleInFlight {
                     line,
                     fd,
                     retries: 0,
                 });
             }
-            None => {
-                ch.send(Outgoing { line, fd: None });
+            None => self.outbox.push((id, Outgoing { line, fd: None })),
+        }
+    }
+
+    /// Sends what this turn of the loop has for the workers. Held until the turn's end, the
+    /// lines go out together once the master has done everything else it can: a worker
+    /// woken by its line may take the CPU from the master (which runs `SCHED_BATCH`), and
+    /// what the master had left to do would wait for its next slice.
+    pub(super) fn flush_outbox(&mut self) {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        for (id, out) in outbox.drain(..) {
+            if let Some(ch) = self.io.get(&id).and_then(|io| io.channel.as_ref()) {
+                ch.send(out);
             }
         }
+        self.outbox = outbox;
     }
 
     pub(super) fn on_handle_ack(&mut self, id: WorkerId) {
@@ -207,12 +222,11 @@ impl Master {
         // second envelope, but a Node child acknowledges every envelope that carries the
         // handle, so that one handle would be acknowledged twice and the second ACK would
         // count for the next handle (`node::node_acks_each_envelope_of_a_handle`).
-        if let Some(ch) = io.channel.as_ref() {
-            ch.send(Outgoing {
-                line: h.line.clone(),
-                fd: Some(h.fd.clone()),
-            });
-        }
+        let again = Outgoing {
+            line: h.line.clone(),
+            fd: Some(h.fd.clone()),
+        };
+        self.outbox.push((id, again));
     }
 
     pub(super) fn on_reply(&mut self, id: WorkerId, ack: u64, accepted: Option<bool>) {
