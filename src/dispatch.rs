@@ -11,6 +11,11 @@
 //! concurrent load instead of drifting towards whichever worker the scheduler favours. A
 //! worker that joins starts level with the least-served of the others (the master sets
 //! that), so a fresh worker is not flooded to "catch up".
+//!
+//! In every mode a worker that has just refused a connection (answered `accepted: false`,
+//! or refused its handle until the master gave up) is passed over for [`REFUSAL_PAUSE`]
+//! while another worker can take connections: each connection offered to it would only
+//! come back after one or more round trips.
 
 use crate::config::Dispatch;
 use crate::pool::WorkerId;
@@ -29,7 +34,14 @@ pub struct Candidate {
     pub served: u64,
     /// Its event loop's lag as last seen (a ping still unanswered counts).
     pub lag_ms: u64,
+    /// It refused a connection less than [`REFUSAL_PAUSE`] ago.
+    pub refusing: bool,
 }
+
+/// How long a worker that refused a connection is passed over while others can take them.
+/// After that it is offered connections again, so one that got over it (a server at its
+/// `maxConnections`, a worker out of fds) is not left idle.
+pub const REFUSAL_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Least-loaded treats a worker whose loop lags more than this as stuck and sends it
 /// nothing while another can take the connection: its reported figures are stale.
@@ -37,7 +49,11 @@ pub const STUCK_LAG_MS: u64 = 250;
 
 /// Picks a worker for one connection, or `None` if every candidate has one in flight.
 pub fn choose(mode: Dispatch, candidates: &[Candidate]) -> Option<WorkerId> {
-    let free = candidates.iter().filter(|c| c.in_flight == 0);
+    // Waiting for a worker that takes connections beats offering one to a refuser.
+    let any_taking = candidates.iter().any(|c| !c.refusing);
+    let free = candidates
+        .iter()
+        .filter(|c| c.in_flight == 0 && (!any_taking || !c.refusing));
     match mode {
         Dispatch::RoundRobin | Dispatch::Shared => {
             free.min_by_key(|c| (c.served, c.worker)).map(|c| c.worker)
@@ -73,6 +89,7 @@ mod tests {
             busy,
             served: 0,
             lag_ms: 0,
+            refusing: false,
         }
     }
 
@@ -120,6 +137,23 @@ mod tests {
             choose(Dispatch::LeastLoaded, &cands[..1]),
             Some(WorkerId(1))
         );
+    }
+
+    #[test]
+    fn a_refusing_worker_is_passed_over_while_another_takes_connections() {
+        for mode in [Dispatch::RoundRobin, Dispatch::LeastLoaded] {
+            let mut refuser = c(1, 0, 0, 0.0);
+            refuser.refusing = true;
+            let mut cands = [refuser, c(2, 0, 3, 0.9)];
+            assert_eq!(picks(mode, &mut cands, 3), vec![2, 2, 2], "{mode:?}");
+            // The other is busy: its turn is waited for.
+            cands[1].in_flight = 1;
+            assert_eq!(choose(mode, &cands), None, "{mode:?}");
+            // Every worker refusing: one still gets it, rather than none.
+            assert_eq!(choose(mode, &cands[..1]), Some(WorkerId(1)), "{mode:?}");
+            cands[1].refusing = true;
+            assert_eq!(choose(mode, &cands), Some(WorkerId(1)), "{mode:?}");
+        }
     }
 
     #[test]

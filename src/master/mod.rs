@@ -230,6 +230,10 @@ struct WorkerIo {
     /// worker that asks in a loop cannot flood the log.
     refusals: u64,
     load: sampling::Load,
+    /// Killed by the master for its RSS (MiB) above `kill_memory`.
+    killed_over_memory: Option<u64>,
+    /// When it last refused a connection (`dispatch::REFUSAL_PAUSE`).
+    refused_at: Option<Instant>,
 }
 
 struct Master {
@@ -717,6 +721,8 @@ impl Master {
                         passed: 0,
                         served,
                         refusals: 0,
+                        killed_over_memory: None,
+                        refused_at: None,
                         load: sampling::Load::default(),
                     },
                 );
@@ -1023,7 +1029,9 @@ impl Master {
         if let Some(r) = self.reaper.as_mut() {
             r.forget(pid);
         }
+        let mut memory_kill = None;
         if let Some(io) = self.io.remove(&id) {
+            memory_kill = io.killed_over_memory;
             self.requeue_in_flight(io);
         }
         let jitter = self.jitter();
@@ -1036,7 +1044,13 @@ impl Master {
             .unwrap_or_default();
         let how = match exit {
             ExitKind::Code(c) => format!("exited with code {c}"),
-            ExitKind::Signal(s) => format!("was killed by {}", unix::signal_name(s)),
+            // Our own kill for memory: said as such, not as a crash of unknown cause.
+            ExitKind::Signal(s) => match memory_kill {
+                Some(mib) if s == libc::SIGKILL => {
+                    format!("stopped by SIGKILL (it used {mib} MiB, above kill_memory)")
+                }
+                _ => format!("was killed by {}", unix::signal_name(s)),
+            },
         };
         let outcome = pool.on_exit(id, exit, now, jitter);
         let uptime_ms = uptime.as_millis() as u64;

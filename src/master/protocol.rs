@@ -212,6 +212,7 @@ impl Master {
                 .conn
                 .take_if(|c| !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd)));
             let app = io.app;
+            io.refused_at = Some(Instant::now());
             if let Some(c) = conn {
                 self.refused_conn(app, c);
             }
@@ -238,8 +239,10 @@ impl Master {
         };
         let app = io.app;
         if accepted == Some(true) {
+            io.refused_at = None;
             close_conn(c);
         } else {
+            io.refused_at = Some(Instant::now());
             // The worker would not take it (its server is closing, or it is at
             // maxConnections): someone else gets it.
             self.refused_conn(app, c);
@@ -559,6 +562,9 @@ impl Master {
                             busy: w.busy.unwrap_or(0.0),
                             served: io.served,
                             lag_ms: io.load.lag(now).map_or(0, |l| l.as_millis() as u64),
+                            refusing: io.refused_at.is_some_and(|t| {
+                                now.saturating_duration_since(t) < dispatch::REFUSAL_PAUSE
+                            }),
                         })
                     }),
             );

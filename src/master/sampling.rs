@@ -275,11 +275,14 @@ impl Master {
             }
         }
 
-        for (_, slot, pid, rss) in &over_hard {
+        for (id, slot, pid, rss) in &over_hard {
             warn!(
                 "[{name}:{slot}] pid {pid} uses {} MiB, above kill_memory; killing it",
                 rss >> 20
             );
+            if let Some(io) = self.io.get_mut(id) {
+                io.killed_over_memory = Some(rss >> 20);
+            }
             let _ = unix::signal_group(*pid, Signal::SIGKILL);
         }
         for (id, slot, rss) in over_soft {

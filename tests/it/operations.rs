@@ -253,7 +253,13 @@ fn kill_memory_kills_at_once() {
         &[],
     );
     m.wait_log("above kill_memory; killing it");
-    m.wait_log("was killed by SIGKILL");
+    // Its exit is told as the master's kill, not as a crash of unknown cause.
+    m.wait_log("stopped by SIGKILL (it used");
+    assert!(
+        m.out.matching("was killed by SIGKILL").is_empty(),
+        "{}",
+        m.out.text()
+    );
 }
 
 #[test]
@@ -626,6 +632,36 @@ fn status_shows_a_waiting_slots_restarts_and_when_it_starts_again() {
         line.contains("restarts in ") && line.contains("crashes in a row"),
         "{line}"
     );
+}
+
+/// While a crash-looping slot's retry runs, the slot shows as running and `status` gives
+/// it one row, the worker's, not a second row for the slot as well.
+#[test]
+fn a_crash_looping_slots_running_retry_has_one_row() {
+    let m = run_config(
+        r#"
+        [apps.crashy]
+        command = ["{fixture}", "exit=1@400"]
+        [apps.crashy.backoff]
+        initial = "20ms"
+        max = "100ms"
+        crash_loop_restarts = 2
+        "#,
+        &[],
+    );
+    let s = m.wait_status("a retry running after 2 crashes in a row", |s| {
+        let app = &s["apps"][0];
+        app["slots"][0]["consecutive_crashes"].as_u64() >= Some(2)
+            && app["workers"].as_array().is_some_and(|w| w.len() == 1)
+    });
+    assert_eq!(s["apps"][0]["slots"][0]["state"], "running", "{s}");
+    let (code, stdout, stderr) = cli(&m, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some("0"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
 }
 
 /// `--name` finds a master that was started with its own `--control` (and no `--name`:
