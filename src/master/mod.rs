@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{ExitKind, Restart};
@@ -42,19 +43,10 @@ mod record;
 mod sampling;
 mod status;
 
-/// The most connections a listener may hold in the master, queued or passed and not yet
-/// taken, before it stops accepting and lets the kernel's backlog queue the rest. The
-/// cap in force is smaller: see [`accept_cap`].
-pub const MAX_QUEUED_PER_LISTENER: usize = 256;
+/// How long accepting on a listener pauses after `accept4` fails for a reason other than
+/// a connection gone before it was taken (out of fds, out of memory).
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
-/// How many connections a listener holds in the master (queued, or passed and not yet
-/// taken) for an app of `workers` workers: one in flight for each, and one more ready for
-/// whichever frees first. The rest wait in the kernel's backlog, where they cost nothing:
-/// a master that accepted everything ended each burst with an `accept4` that failed with
-/// `EAGAIN`, half a syscall per connection (BENCHMARKS.md, "accepting ahead").
-pub fn accept_cap(workers: usize) -> usize {
-    (workers + 1).clamp(2, MAX_QUEUED_PER_LISTENER)
-}
 /// Listeners the workers of one app may have the master bind on request (Node's
 /// `listen()` on ports the config does not name).
 pub const MAX_REQUESTED_LISTENERS: usize = 64;
@@ -103,7 +95,6 @@ pub struct Options {
 pub enum Event {
     Channel(WorkerId, Incoming),
     Notify(i32, Notice),
-    Accepted(usize, OwnedFd, OwnedSemaphorePermit),
     Control(Request, control::Responder),
     Signal(Sig),
 }
@@ -162,23 +153,24 @@ struct ListenerEntry {
     udp: bool,
     /// The master accepts on it and passes connections.
     passing: bool,
+    /// Connections taken and not yet passed: only ones a worker refused, or one whose
+    /// worker went away before acknowledging it. New connections are accepted when a
+    /// worker is free to take one, and wait in the kernel's backlog until then.
     queue: VecDeque<Queued>,
-    /// Set once the master accepts on it: the permits that cap what it holds.
-    accepting: Option<Accepting>,
+    /// Its fd as the loop polls it, once the master accepts on it.
+    acceptor: Option<AsyncFd<OwnedFd>>,
+    /// A worker was free and nothing was there to accept: the loop waits for the
+    /// listener to become readable.
+    want_accept: bool,
+    /// `accept4` failed (`ACCEPT_RETRY`): accepting pauses until then.
+    accept_retry_at: Option<Instant>,
     passed: u64,
     /// Connections closed because every worker refused them.
     closed_refused: u64,
 }
 
-struct Accepting {
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
-    /// The permits there are, given out or not.
-    cap: usize,
-}
-
 struct Queued {
     fd: crate::channel::SharedFd,
-    permit: OwnedSemaphorePermit,
     /// Times a worker answered `accepted: false` for it.
     refused: u32,
 }
@@ -197,7 +189,6 @@ struct ConnInFlight {
     /// For cluster `newconn`: the `seq` whose reply says accepted or not.
     seq: Option<u64>,
     fd: crate::channel::SharedFd,
-    permit: OwnedSemaphorePermit,
     acked: bool,
     refused: u32,
 }
@@ -334,7 +325,9 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 udp: false,
                 passing,
                 queue: VecDeque::new(),
-                accepting: None,
+                acceptor: None,
+                want_accept: false,
+                accept_retry_at: None,
                 closed_refused: 0,
                 passed: 0,
             });
@@ -575,6 +568,10 @@ impl Master {
                         }
                     }
                 }
+                l = std::future::poll_fn(|cx| self.poll_acceptors(cx)) => {
+                    self.listeners[l].want_accept = false;
+                    self.dispatch(l);
+                }
                 _ = tick.tick() => { self.dirty = true; self.on_tick(Instant::now()) }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let _ = crate::notify::notify_parent("WATCHDOG=1");
@@ -612,7 +609,9 @@ impl Master {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pools.iter().filter_map(Pool::next_deadline).min()
+        let pools = self.pools.iter().filter_map(Pool::next_deadline);
+        let accepts = self.listeners.iter().filter_map(|l| l.accept_retry_at);
+        pools.chain(accepts).min()
     }
 
     /// Runs timers and every pool's plan.
@@ -632,7 +631,12 @@ impl Master {
                 }
             }
         }
-        self.size_accept_caps();
+        for l in 0..self.listeners.len() {
+            if self.listeners[l].accept_retry_at.is_some_and(|t| t <= now) {
+                self.listeners[l].accept_retry_at = None;
+                self.dispatch(l);
+            }
+        }
     }
 
     fn act(&mut self, app: usize, action: Action, now: Instant) {
@@ -1413,14 +1417,6 @@ impl Master {
                 self.dirty = true;
                 self.on_notify(pid, notice)
             }
-            Event::Accepted(l, fd, permit) => {
-                self.listeners[l].queue.push_back(Queued {
-                    fd: std::sync::Arc::new(fd),
-                    permit,
-                    refused: 0,
-                });
-                self.dispatch(l);
-            }
             Event::Control(req, responder) => {
                 self.dirty = true;
                 self.on_control(req, responder)
@@ -1475,7 +1471,6 @@ impl Master {
         if let Some(c) = conn {
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
-                permit: c.permit,
                 refused: c.refused,
             });
         }
@@ -1508,7 +1503,6 @@ impl Master {
         match io.conn.take() {
             Some(c) if !c.acked => self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
-                permit: c.permit,
                 refused: c.refused,
             }),
             Some(c) => protocol::close_conn(c),

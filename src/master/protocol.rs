@@ -6,10 +6,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::channel::SharedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Instant;
 
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc};
+
 use tracing::{debug, info, warn};
 
 use super::*;
@@ -258,7 +259,6 @@ impl Master {
         if c.refused + 1 < MAX_CONN_REFUSALS {
             self.listeners[c.listener].queue.push_front(Queued {
                 fd: c.fd,
-                permit: c.permit,
                 refused: c.refused + 1,
             });
             return;
@@ -472,7 +472,9 @@ impl Master {
             udp,
             passing: passing && !udp,
             queue: VecDeque::new(),
-            accepting: None,
+            acceptor: None,
+            want_accept: false,
+            accept_retry_at: None,
             closed_refused: 0,
             passed: 0,
         });
@@ -483,52 +485,93 @@ impl Master {
 
     pub(super) fn start_accepting(&mut self, l: usize) {
         let entry = &mut self.listeners[l];
-        if !entry.passing || entry.accepting.is_some() || entry.udp {
+        if !entry.passing || entry.acceptor.is_some() || entry.udp {
             return;
         }
-        let Ok(fd) = entry.listener.fd.try_clone() else {
-            return;
-        };
-        let cap = accept_cap(self.pools[entry.app].workers.len());
-        let permits = Arc::new(Semaphore::new(cap));
-        entry.accepting = Some(Accepting {
-            permits: permits.clone(),
-            cap,
-        });
-        let events = self.events.clone();
-        tokio::spawn(accept_loop(l, fd, permits, events));
+        let acceptor = entry
+            .listener
+            .fd
+            .try_clone()
+            .and_then(|fd| unix::async_fd(fd, tokio::io::Interest::READABLE));
+        match acceptor {
+            Ok(a) => entry.acceptor = Some(a),
+            Err(e) => {
+                warn!(
+                    "{}: cannot accept on {}: {e}",
+                    self.pools[entry.app].spec.name, entry.listener.local
+                );
+                return;
+            }
+        }
+        self.dispatch(l);
     }
 
-    /// Moves each accepting listener's cap to its app's worker count ([`accept_cap`]).
-    /// Permits given out come back later: a smaller cap takes what it can now, and the
-    /// rest at a later turn.
-    pub(super) fn size_accept_caps(&mut self) {
-        for entry in &mut self.listeners {
-            let Some(acc) = entry.accepting.as_mut() else {
+    /// Ready with a listener the loop waits on (`want_accept`) once it can be accepted on.
+    pub(super) fn poll_acceptors(&self, cx: &mut std::task::Context<'_>) -> Poll<usize> {
+        for (l, entry) in self.listeners.iter().enumerate() {
+            let Some(a) = entry.acceptor.as_ref().filter(|_| entry.want_accept) else {
                 continue;
             };
-            let want = accept_cap(self.pools[entry.app].workers.len());
-            if want > acc.cap {
-                acc.permits.add_permits(want - acc.cap);
-                acc.cap = want;
-            } else if want < acc.cap {
-                acc.cap -= acc.permits.forget_permits(acc.cap - want);
+            // An error is for `accept4` to report.
+            if a.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(l);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// One new connection from listener `l`'s backlog, if one is there.
+    fn accept(&mut self, l: usize) -> Option<OwnedFd> {
+        let entry = &mut self.listeners[l];
+        if entry.accept_retry_at.is_some() {
+            return None;
+        }
+        let a = entry.acceptor.as_ref()?;
+        loop {
+            // `try_io` calls `accept4` only while the fd is known readable, and clears
+            // that on `EAGAIN`: a listener is not asked twice in a row for nothing.
+            match a.try_io(tokio::io::Interest::READABLE, |fd| {
+                accept_nonblocking(fd.as_raw_fd())
+            }) {
+                Ok(fd) => return Some(fd),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    entry.want_accept = true;
+                    return None;
+                }
+                // Gone before we took it, or a signal: the next one.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EINTR)
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and friends: pause instead of spinning.
+                    warn!("{}: accept failed: {e}", entry.listener.local);
+                    entry.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    self.dirty = true;
+                    return None;
+                }
             }
         }
     }
 
     pub(super) fn dispatch_app(&mut self, app: usize) {
         for l in 0..self.listeners.len() {
-            if self.listeners[l].app == app && !self.listeners[l].queue.is_empty() {
+            if self.listeners[l].app == app {
                 self.dispatch(l);
             }
         }
     }
 
-    /// Hands queued connections of listener `l` to workers while any can take one.
+    /// Hands connections of listener `l` to workers while any can take one: first those
+    /// queued, then new ones from its backlog.
     pub(super) fn dispatch(&mut self, l: usize) {
         let now = Instant::now();
-        while !self.listeners[l].queue.is_empty() {
+        let entry = &self.listeners[l];
+        if entry.queue.is_empty() && entry.acceptor.is_none() {
+            return;
+        }
+        loop {
             let app = self.listeners[l].app;
             let mode = self.pools[app].spec.dispatch();
             // One list for the master's life: this runs once per connection.
@@ -573,8 +616,15 @@ impl Master {
             let Some(target) = choice else {
                 return;
             };
-            let Some(q) = self.listeners[l].queue.pop_front() else {
-                return;
+            let q = match self.listeners[l].queue.pop_front() {
+                Some(q) => q,
+                None => match self.accept(l) {
+                    Some(fd) => Queued {
+                        fd: Arc::new(fd),
+                        refused: 0,
+                    },
+                    None => return,
+                },
             };
             self.listeners[l].passed += 1;
             self.pass_connection(l, target, q);
@@ -600,7 +650,6 @@ impl Master {
             listener: l,
             seq,
             fd: q.fd,
-            permit: q.permit,
             acked: false,
             refused: q.refused,
         });
@@ -678,41 +727,6 @@ fn bind_for_node(q: &node::QueryServer) -> std::io::Result<(OwnedFd, ListenAddr,
     };
     spawn::set_nonblocking(&fd_and_addr.0, true)?;
     Ok(fd_and_addr)
-}
-
-/// Accepts connections on a passing listener and sends them to the loop. A semaphore caps
-/// how many wait in the master: past that, the kernel's backlog queues them.
-async fn accept_loop(l: usize, fd: OwnedFd, permits: Arc<Semaphore>, events: mpsc::Sender<Event>) {
-    let Ok(afd) = unix::async_fd(fd, tokio::io::Interest::READABLE) else {
-        return;
-    };
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let conn = loop {
-            let Ok(mut guard) = afd.readable().await else {
-                return;
-            };
-            match guard.try_io(|inner| accept_nonblocking(inner.get_ref().as_raw_fd())) {
-                Ok(Ok(fd)) => break fd,
-                Ok(Err(e)) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    if !matches!(
-                        e.raw_os_error(),
-                        Some(libc::ECONNABORTED) | Some(libc::EINTR)
-                    ) {
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-                Err(_would_block) => continue,
-            }
-        };
-        if events.send(Event::Accepted(l, conn, permit)).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// `accept4` with the connection non-blocking (Node needs that) and close-on-exec.

@@ -365,7 +365,6 @@ impl Master {
                     "address": l.listener.local.to_string(),
                     "mode": if l.passing { "pass" } else { "shared" },
                     "queued": l.queue.len(),
-                    "accept_cap": l.accepting.as_ref().map(|a| a.cap),
                     "passed": l.passed,
                     "backlog": sockets::accept_backlog(l.listener.fd.as_fd()).map(|b| b.0),
                 })

@@ -339,11 +339,13 @@ fn commonjs_http_cluster_spreads_new_connections_evenly() {
     );
 }
 
-/// In pass mode the master takes connections from the kernel's backlog only as far as its
-/// workers can use them: one in flight for each and one more. The cap follows the pool as
-/// it is scaled up and down, and every connection is served throughout.
+/// In pass mode the master accepts a connection only when a worker is free to take it:
+/// with both workers wedged, each holds the one connection it was passed (never
+/// acknowledged), and the rest wait in the kernel's backlog, not in the master. Once the
+/// wedged workers are killed and replaced, every connection is answered: the two they held
+/// go to the new workers, and the backlog follows.
 #[test]
-fn the_master_holds_one_connection_per_worker_and_follows_the_pool() {
+fn connections_no_worker_can_take_wait_in_the_kernels_backlog() {
     let m = run(&[
         "-i",
         "2",
@@ -351,25 +353,65 @@ fn the_master_holds_one_connection_per_worker_and_follows_the_pool() {
         "127.0.0.1:0",
         "--ready-after",
         "20s",
+        "--sample-interval",
+        "200ms",
+        "--env",
+        "STUCK_FILE={dir}/stuck",
         "--",
         "node",
-        &app("http.js"),
+        &app("stuck.js"),
     ]);
     let port = m.port();
     let status = m.wait_ready(2);
-    let name = status["apps"][0]["name"].as_str().unwrap().to_string();
-    let cap = |s: &Value| s["apps"][0]["listeners"][0]["accept_cap"].clone();
-    assert_eq!(cap(&status), 3, "{status}");
-    for (n, want) in [(5, 6), (1, 2)] {
-        let (code, out, err) = cli(&m, &["scale", &name, &n.to_string()]);
-        assert_eq!(code, Some(0), "{out}{err}");
-        m.wait_status(&format!("{n} workers and a cap of {want}"), |s| {
-            let workers = s["apps"][0]["workers"].as_array().unwrap();
-            workers.len() == n && workers.iter().all(|w| w["state"] == "ready") && cap(s) == want
-        });
-        let counts = spread(&m, port, 100, 4);
-        assert_eq!(counts.values().sum::<usize>(), 100, "{counts:?}");
-        assert_eq!(counts.len(), n, "every worker serves: {counts:?}");
+    let stuck = pids(&status);
+    get_pid(port).unwrap_or_else(|e| m.fail(&e.to_string()));
+    for &pid in &stuck {
+        kill(pid, libc::SIGUSR2);
+    }
+    m.wait_status("both workers' loops stuck", |s| {
+        s["apps"][0]["workers"].as_array().unwrap().iter().all(|w| {
+            w["lag_ms"]
+                .as_f64()
+                .is_some_and(|l| l > processes::dispatch::STUCK_LAG_MS as f64 + 50.0)
+        })
+    });
+    let mut clients: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            c
+        })
+        .collect();
+    let s = m.wait_status(
+        "2 passed to the wedged workers, 4 in the kernel's backlog",
+        |s| {
+            let l = &s["apps"][0]["listeners"][0];
+            l["queued"] == 0 && l["backlog"] == 4
+        },
+    );
+    assert_eq!(s["apps"][0]["listeners"][0]["passed"], 3, "{s}");
+    for &pid in &stuck {
+        kill(pid, libc::SIGKILL);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut answer = String::new();
+        if let Err(e) = c.read_to_string(&mut answer) {
+            m.fail(&format!(
+                "connection {i}: {e}; status {}",
+                m.status().unwrap()
+            ));
+        }
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "connection {i}: {answer}"
+        );
+        assert!(
+            !stuck
+                .iter()
+                .any(|p| answer.contains(&format!("\"pid\":{p}"))),
+            "connection {i} answered by a killed worker: {answer}"
+        );
     }
 }
 
