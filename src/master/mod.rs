@@ -558,6 +558,12 @@ impl Master {
             self.flush_outbox();
             tokio::select! {
                 biased;
+                // First: it is ready only while a worker waits for a connection, and a
+                // worker flooding the event queue must not keep the others waiting.
+                l = std::future::poll_fn(|cx| self.poll_acceptors(cx)) => {
+                    self.listeners[l].want_accept = false;
+                    self.dispatch(l);
+                }
                 Some(ev) = events.recv() => {
                     self.on_event(ev);
                     // Drain what is already queued before planning again.
@@ -567,10 +573,6 @@ impl Master {
                             Err(_) => break,
                         }
                     }
-                }
-                l = std::future::poll_fn(|cx| self.poll_acceptors(cx)) => {
-                    self.listeners[l].want_accept = false;
-                    self.dispatch(l);
                 }
                 _ = tick.tick() => { self.dirty = true; self.on_tick(Instant::now()) }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
