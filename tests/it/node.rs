@@ -346,21 +346,7 @@ fn commonjs_http_cluster_spreads_new_connections_evenly() {
 /// go to the new workers, and the backlog follows.
 #[test]
 fn connections_no_worker_can_take_wait_in_the_kernels_backlog() {
-    let m = run(&[
-        "-i",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--ready-after",
-        "20s",
-        "--sample-interval",
-        "200ms",
-        "--env",
-        "STUCK_FILE={dir}/stuck",
-        "--",
-        "node",
-        &app("stuck.js"),
-    ]);
+    let m = run_stuck_js("2", &[]);
     let port = m.port();
     let status = m.wait_ready(2);
     let stuck = pids(&status);
@@ -369,11 +355,11 @@ fn connections_no_worker_can_take_wait_in_the_kernels_backlog() {
         kill(pid, libc::SIGUSR2);
     }
     m.wait_status("both workers' loops stuck", |s| {
-        s["apps"][0]["workers"].as_array().unwrap().iter().all(|w| {
-            w["lag_ms"]
-                .as_f64()
-                .is_some_and(|l| l > processes::dispatch::STUCK_LAG_MS as f64 + 50.0)
-        })
+        s["apps"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(lags_as_stuck)
     });
     let mut clients: Vec<TcpStream> = (0..6)
         .map(|_| {
@@ -736,27 +722,42 @@ fn a_node_worker_gets_at_most_64_listeners_on_request() {
     assert_eq!(m.out.matching(why).len(), 3, "{}", m.out.text());
 }
 
-/// Starts 3 `stuck.js` workers under `--dispatch least-loaded`, wedges slot 0 in a busy
-/// loop, and waits until the master can know: its status shows the worker busy (where it
-/// reports a busy fraction). Returns the master, the port and the stuck pid.
-fn start_with_a_stuck_worker() -> (Master, u16, i32) {
-    let m = run(&[
+/// `stuck.js` workers on a listener the master binds, pinged every 200 ms (so a wedged
+/// loop shows in its `lag_ms` soon), with `extra` flags before the command.
+fn run_stuck_js(instances: &str, extra: &[&str]) -> Master {
+    let script = app("stuck.js");
+    let mut args = vec![
         "-i",
-        "3",
+        instances,
         "--listen",
         "127.0.0.1:0",
         "--ready-after",
         "20s",
-        "--dispatch",
-        "least-loaded",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
         "--sample-interval",
         "200ms",
         "--env",
         "STUCK_FILE={dir}/stuck",
-        "--",
-        "node",
-        &app("stuck.js"),
     ]);
+    args.extend_from_slice(&["--", "node", &script]);
+    run(&args)
+}
+
+/// A worker whose ping went unanswered past the dispatcher's threshold
+/// (`dispatch::STUCK_LAG_MS`): the master knows its loop is stuck.
+fn lags_as_stuck(w: &Value) -> bool {
+    w["lag_ms"]
+        .as_f64()
+        .is_some_and(|l| l > processes::dispatch::STUCK_LAG_MS as f64 + 50.0)
+}
+
+/// Starts 3 `stuck.js` workers under `--dispatch least-loaded`, wedges slot 0 in a busy
+/// loop, and waits until the master can know: its status shows the worker busy (where it
+/// reports a busy fraction). Returns the master, the port and the stuck pid.
+fn start_with_a_stuck_worker() -> (Master, u16, i32) {
+    let m = run_stuck_js("3", &["--dispatch", "least-loaded"]);
     let port = m.port();
     let status = m.wait_ready(3);
     assert_eq!(status["apps"][0]["dispatch"], "least-loaded", "{status}");
@@ -774,12 +775,11 @@ fn start_with_a_stuck_worker() -> (Master, u16, i32) {
     // The master knows a loop is stuck once its ping goes unanswered past the
     // dispatcher's threshold (`dispatch::STUCK_LAG_MS`); from then on it must avoid it.
     m.wait_status("the stuck worker's lag", |s| {
-        s["apps"][0]["workers"].as_array().unwrap().iter().any(|w| {
-            w["pid"] == stuck
-                && w["lag_ms"]
-                    .as_f64()
-                    .is_some_and(|l| l > processes::dispatch::STUCK_LAG_MS as f64 + 50.0)
-        })
+        s["apps"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["pid"] == stuck && lags_as_stuck(w))
     });
     (m, port, stuck)
 }
