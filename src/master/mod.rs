@@ -613,7 +613,12 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         let pools = self.pools.iter().filter_map(Pool::next_deadline);
         let accepts = self.listeners.iter().filter_map(|l| l.accept_retry_at);
-        pools.chain(accepts).min()
+        // A refusing worker's pause ending may be the only thing that lets a connection go.
+        let pauses = self
+            .io
+            .values()
+            .filter_map(|io| io.refused_at.map(|t| t + crate::dispatch::REFUSAL_PAUSE));
+        pools.chain(accepts).chain(pauses).min()
     }
 
     /// Runs timers and every pool's plan.
@@ -638,6 +643,19 @@ impl Master {
                 self.listeners[l].accept_retry_at = None;
                 self.dispatch(l);
             }
+        }
+        let mut paused_ended = Vec::new();
+        for io in self.io.values_mut() {
+            if io
+                .refused_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= crate::dispatch::REFUSAL_PAUSE)
+            {
+                io.refused_at = None;
+                paused_ended.push(io.app);
+            }
+        }
+        for app in paused_ended {
+            self.dispatch_app(app);
         }
     }
 

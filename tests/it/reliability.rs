@@ -1266,6 +1266,39 @@ fn a_passed_connection_the_worker_set_to_linger_does_not_block_the_master() {
 
 /// Two workers behind one listener, the one in slot 0 refusing every handle with a NACK
 /// (after asking a question of its own, which the master answers behind that handle).
+/// A refusing worker's pause ends by itself. Slot 0 refuses every handle and slot 1 holds
+/// the one it takes without ever acknowledging it: once slot 1 has a connection, the next
+/// one can only go to slot 0, and it must be offered there again when the pause is over,
+/// not wait for slot 1 for ever.
+#[test]
+fn a_refusing_worker_is_offered_connections_again_after_its_pause() {
+    let mut h = Hostile::start(&["serve", "nack-slot=0", "hold-slot=1"], "instances = 2");
+    let bad_port = h.bad_port();
+    h.m.wait_status("bad ready", |s| app_named(s, "bad")["ready"] == 2);
+    let started = Instant::now();
+    // The first goes to slot 1 after slot 0 refused it; the second has only slot 0.
+    let _held = std::net::TcpStream::connect(("127.0.0.1", bad_port)).unwrap();
+    h.m.wait_log("fixture: holding 1 handles");
+    let _waiting = std::net::TcpStream::connect(("127.0.0.1", bad_port)).unwrap();
+    h.m.wait_logs("refused a handle 4 times; giving up on it", 3);
+    assert!(
+        started.elapsed() >= processes::dispatch::REFUSAL_PAUSE,
+        "offered again before its pause was over: {}",
+        h.m.out.text()
+    );
+    let (ok, now) = h.good_carried_on("a refusing worker beside one holding its handle");
+    report(
+        "hostile: a refusing worker beside one that holds its handle",
+        format!(
+            "the refuser was offered the waiting connection again after its pause ({:?} \
+             for 3 give-ups), good answered {ok}, master RSS {} → {} KiB",
+            started.elapsed(),
+            h.base.rss_kib,
+            now.rss_kib
+        ),
+    );
+}
+
 /// The master sends a refused handle 3 times more, then gives up on it: that connection
 /// goes to the other worker, the answers held behind the handle are released, and nothing
 /// is lost — each of 40 requests one after another is answered by slot 1, the refuser
