@@ -277,10 +277,12 @@ fn print_status(data: &serde_json::Value) {
                 text(&w["passed"])
             );
         }
-        // Slots without a worker: their restart count, and when they start again.
+        // Slots without a worker: their restart count, and when they start again. (A
+        // crash-looping slot whose retry is running has its worker's row already.)
+        let workers = app["workers"].as_array().unwrap_or(&empty);
         for s in app["slots"].as_array().unwrap_or(&empty) {
             let state = text(&s["state"]);
-            if state == "running" {
+            if state == "running" || workers.iter().any(|w| w["slot"] == s["slot"]) {
                 continue;
             }
             let crashes = s["consecutive_crashes"].as_u64().unwrap_or(0);

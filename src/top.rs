@@ -434,7 +434,11 @@ fn parse_app(v: &Value) -> Option<AppView> {
             consecutive_crashes: count(&s["consecutive_crashes"]),
             restart_in_ms: count(&s["restart_in_ms"]),
         })
-        .filter(|s| s.state != "running")
+        // A slot whose worker has a row (a crash-looping slot's retry running) gets no
+        // second one.
+        .filter(|s| {
+            s.state != "running" && !(s.slot.is_some() && workers.iter().any(|w| w.slot == s.slot))
+        })
         .collect();
     let listeners = items(&v["listeners"])
         .filter_map(|l| {
@@ -1576,6 +1580,36 @@ mod tests {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }
         assert!(!s.contains("1001"), "{s}");
+    }
+
+    #[test]
+    fn a_slot_whose_retry_runs_has_only_its_workers_row() {
+        let mut v = fixture();
+        // Slot 2 of `web` is crash-looping and its retry is up.
+        v["apps"][0]["workers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!(
+                {"slot": 2, "pid": 1003, "state": "starting", "uptime_ms": 50, "restarts": 9}
+            ));
+        let app = parse_app(&v["apps"][0]).unwrap();
+        assert!(
+            app.workers.iter().any(|w| w.slot == Some(2)),
+            "{:?}",
+            app.workers
+        );
+        assert!(
+            app.slots.iter().all(|s| s.slot != Some(2)),
+            "{:?}",
+            app.slots
+        );
+        // Without a worker, the slot has its row.
+        let app = parse_app(&fixture()["apps"][0]).unwrap();
+        assert!(
+            app.slots.iter().any(|s| s.slot == Some(2)),
+            "{:?}",
+            app.slots
+        );
     }
 
     #[test]

@@ -335,16 +335,14 @@ impl Master {
             .slots
             .iter()
             .map(|(n, s)| {
-                // A slot with a worker is running, even the retry of a crash-looping one:
-                // its worker has a row of its own, and `consecutive_crashes` says the rest.
                 let state = if s.parked.is_some() {
                     "stopped"
-                } else if s.current.is_some() {
-                    "running"
                 } else if s.backoff.crash_looping {
                     "crash-looping"
-                } else {
+                } else if s.current.is_none() {
                     "backing-off"
+                } else {
+                    "running"
                 };
                 serde_json::json!({
                     "slot": n,

@@ -634,14 +634,14 @@ fn status_shows_a_waiting_slots_restarts_and_when_it_starts_again() {
     );
 }
 
-/// While a crash-looping slot's retry runs, the slot shows as running and `status` gives
-/// it one row, the worker's, not a second row for the slot as well.
+/// While a crash-looping slot's retry runs (for a second here), `status` gives the slot one
+/// row, the worker's, not a second row for the slot as well.
 #[test]
 fn a_crash_looping_slots_running_retry_has_one_row() {
     let m = run_config(
         r#"
         [apps.crashy]
-        command = ["{fixture}", "exit=1@400"]
+        command = ["{fixture}", "exit=1@1000"]
         [apps.crashy.backoff]
         initial = "20ms"
         max = "100ms"
@@ -654,7 +654,7 @@ fn a_crash_looping_slots_running_retry_has_one_row() {
         app["slots"][0]["consecutive_crashes"].as_u64() >= Some(2)
             && app["workers"].as_array().is_some_and(|w| w.len() == 1)
     });
-    assert_eq!(s["apps"][0]["slots"][0]["state"], "running", "{s}");
+    assert_eq!(s["apps"][0]["slots"][0]["state"], "crash-looping", "{s}");
     let (code, stdout, stderr) = cli(&m, &["status"]);
     assert_eq!(code, Some(0), "{stderr}");
     let rows: Vec<&str> = stdout
