@@ -47,26 +47,29 @@ pub const REFUSAL_PAUSE: std::time::Duration = std::time::Duration::from_secs(1)
 /// nothing while another can take the connection: its reported figures are stale.
 pub const STUCK_LAG_MS: u64 = 250;
 
-/// Picks a worker for one connection, or `None` if every candidate has one in flight.
+/// Picks a worker for one connection, or `None` if every candidate it would use has one in
+/// flight.
+///
+/// Two preferences narrow the candidates first, each only if it leaves someone: under
+/// least-loaded, a worker whose loop is not stuck; then a worker that has not just refused a
+/// connection. Both count workers with a connection in flight: waiting a moment for a
+/// preferred worker beats a connection that hangs in a stuck loop or comes back refused.
+/// The stuck preference comes first, because a stuck worker costs the connection more.
 pub fn choose(mode: Dispatch, candidates: &[Candidate]) -> Option<WorkerId> {
-    // Waiting for a worker that takes connections beats offering one to a refuser.
-    let any_taking = candidates.iter().any(|c| !c.refusing);
+    let least = mode == Dispatch::LeastLoaded;
+    let any_healthy = least && candidates.iter().any(|c| c.lag_ms <= STUCK_LAG_MS);
+    let healthy = |c: &&Candidate| !any_healthy || c.lag_ms <= STUCK_LAG_MS;
+    let any_taking = candidates.iter().filter(healthy).any(|c| !c.refusing);
     let free = candidates
         .iter()
-        .filter(|c| c.in_flight == 0 && (!any_taking || !c.refusing));
-    match mode {
-        Dispatch::RoundRobin | Dispatch::Shared => {
-            free.min_by_key(|c| (c.served, c.worker)).map(|c| c.worker)
-        }
-        Dispatch::LeastLoaded => {
-            // A stuck worker gets nothing while a healthy one exists, even if every
-            // healthy one has a connection in flight: waiting a moment for it beats a
-            // connection that hangs. Only when all are stuck does one of them get it.
-            let any_healthy = candidates.iter().any(|c| c.lag_ms <= STUCK_LAG_MS);
-            free.filter(|c| !any_healthy || c.lag_ms <= STUCK_LAG_MS)
-                .min_by_key(|c| (c.open, ordered(c.busy), c.served, c.worker))
-                .map(|c| c.worker)
-        }
+        .filter(healthy)
+        .filter(|c| !any_taking || !c.refusing)
+        .filter(|c| c.in_flight == 0);
+    if least {
+        free.min_by_key(|c| (c.open, ordered(c.busy), c.served, c.worker))
+            .map(|c| c.worker)
+    } else {
+        free.min_by_key(|c| (c.served, c.worker)).map(|c| c.worker)
     }
 }
 
@@ -157,6 +160,23 @@ mod tests {
     }
 
     #[test]
+    fn a_stuck_worker_and_a_refusing_one_both_free_the_refuser_gets_it() {
+        let mut refuser = c(1, 0, 0, 0.0);
+        refuser.refusing = true;
+        let mut stuck = c(2, 0, 0, 0.0);
+        stuck.lag_ms = 2_000;
+        assert_eq!(
+            choose(Dispatch::LeastLoaded, &[refuser, stuck]),
+            Some(WorkerId(1))
+        );
+        // Round-robin does not look at lag: the worker that takes connections gets it.
+        assert_eq!(
+            choose(Dispatch::RoundRobin, &[refuser, stuck]),
+            Some(WorkerId(2))
+        );
+    }
+
+    #[test]
     fn least_loaded_prefers_fewer_open_then_less_busy() {
         let cands = [
             c(1, 0, 5, 0.1),
@@ -184,6 +204,22 @@ mod tests {
                 Some(w) => prop_assert_eq!(cands.iter().find(|c| c.worker == w).unwrap().in_flight, 0),
                 None => prop_assert!(cands.iter().all(|c| c.in_flight > 0)),
             }
+        }
+
+        /// Whatever lags and refusals the workers have, when every one is free, one of
+        /// them is chosen.
+        #[test]
+        fn someone_is_chosen_when_everyone_is_free(
+            workers in proptest::collection::vec((any::<bool>(), 0u64..1000), 1..10),
+            least in any::<bool>(),
+        ) {
+            let cands: Vec<_> = workers
+                .iter()
+                .enumerate()
+                .map(|(i, &(refusing, lag_ms))| Candidate { refusing, lag_ms, ..c(i as u64, 0, 0, 0.0) })
+                .collect();
+            let mode = if least { Dispatch::LeastLoaded } else { Dispatch::RoundRobin };
+            prop_assert!(choose(mode, &cands).is_some(), "{:?}", cands);
         }
 
         /// Under random busyness round-robin never widens the gap between the most- and
