@@ -163,8 +163,10 @@ impl Sender {
                     msg.line.drain(..n);
                     msg.fd = None;
                 }
-                // The task sees the broken socket too, and reports it.
-                Err(_) => return false,
+                // The task tries it again, meets the error and reports it (the channel is
+                // cut off, and what the worker held goes elsewhere): a line is never
+                // dropped unseen.
+                Err(_) => {}
             }
         }
         if self.tx.send(msg).is_err() {
@@ -530,6 +532,64 @@ mod tests {
         }
         assert!(caught);
         assert!(d.buf.len() <= MAX_LINE);
+    }
+
+    /// A line the socket takes only in part has its rest queued; a line sent after it, once
+    /// the socket has room again, must wait behind that rest rather than go out directly
+    /// into the middle of it. Each fd arrives with its own line.
+    #[tokio::test]
+    async fn a_line_sent_after_a_partial_write_waits_behind_its_rest() {
+        use std::os::fd::AsFd;
+        let (master, worker) = pair().unwrap();
+        let (events_tx, _events) = mpsc::channel(16);
+        let sender = start(master, events_tx, |i| i).unwrap();
+        let inode =
+            |fd: std::os::fd::BorrowedFd<'_>| nix::sys::stat::fstat(fd.as_raw_fd()).unwrap().st_ino;
+        let handle = |n: u64, pad: usize| {
+            let (a, _b) = pair().unwrap();
+            let ino = inode(a.as_fd());
+            let v = json!({"cmd":"NODE_HANDLE","type":"net.Native","msg":{"n":n,"pad":"x".repeat(pad)}});
+            (Outgoing::json(&v, Some(Arc::new(a))), ino)
+        };
+        // Far more than the socket buffers: written in part, the rest queued.
+        let (big, big_ino) = handle(0, 900_000);
+        assert!(sender.send(big));
+        // Room again (no await: the channel's task has not run), then a small line.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut decoder = Decoder::default();
+        let mut got = Vec::new();
+        match read_some(worker.as_raw_fd(), &mut buf).unwrap() {
+            Read::Data(n, fds) => {
+                decoder.push_fds(fds).unwrap();
+                got.extend(decoder.push_bytes(&buf[..n]).unwrap());
+            }
+            _ => panic!("nothing was written directly"),
+        }
+        let (small, small_ino) = handle(1, 10);
+        assert!(sender.send(small));
+        let got = tokio::task::spawn_blocking(move || {
+            while got.len() < 2 {
+                match read_some(worker.as_raw_fd(), &mut buf).unwrap() {
+                    Read::Data(n, fds) => {
+                        decoder.push_fds(fds).unwrap();
+                        got.extend(decoder.push_bytes(&buf[..n]).unwrap());
+                    }
+                    Read::Eof => panic!("EOF after {} lines", got.len()),
+                    Read::WouldBlock => unreachable!("the worker's end blocks"),
+                }
+            }
+            got
+        })
+        .await
+        .unwrap();
+        let inodes: Vec<_> = got
+            .iter()
+            .map(|(v, fd)| (v["msg"]["n"].clone(), fd.as_ref().map(|f| inode(f.as_fd()))))
+            .collect();
+        assert_eq!(
+            inodes,
+            [(json!(0), Some(big_ino)), (json!(1), Some(small_ino))]
+        );
     }
 
     #[tokio::test]
