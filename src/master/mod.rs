@@ -96,7 +96,6 @@ pub enum Event {
     Channel(WorkerId, Incoming),
     Notify(i32, Notice),
     Control(Request, control::Responder),
-    Signal(Sig),
 }
 
 /// The signals the master acts on.
@@ -121,7 +120,7 @@ struct Signals {
 
 impl Signals {
     /// Sends each signal to the loop as it comes, until the loop is gone.
-    async fn forward(mut self, events: mpsc::Sender<Event>) {
+    async fn forward(mut self, to_loop: mpsc::UnboundedSender<Sig>) {
         loop {
             let sig = tokio::select! {
                 Some(()) = self.chld.recv() => Sig::Chld,
@@ -132,7 +131,7 @@ impl Signals {
                 Some(()) = self.ttou.recv() => Sig::Ttou,
                 else => return,
             };
-            if events.send(Event::Signal(sig)).await.is_err() {
+            if to_loop.send(sig).is_err() {
                 return;
             }
         }
@@ -273,6 +272,8 @@ struct Master {
     candidates: Vec<crate::dispatch::Candidate>,
     /// Lines for workers, sent at the end of the loop's turn (`flush_outbox`).
     outbox: Vec<(WorkerId, Outgoing)>,
+    /// The listener `dispatch_app` starts from next.
+    dispatch_from: usize,
 }
 
 /// Starts the master and runs it until it stops. Returns the process exit code.
@@ -355,7 +356,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
         None => None,
     };
 
-    // Everything the loop talks to — accept loops, worker channels, the control socket —
+    // Everything the loop talks to — the listeners, worker channels, the control socket —
     // runs on the loop's own thread: a connection goes from accept to the worker's channel
     // without a single cross-thread wake-up. Worker output, which a flood can make heavy,
     // is read on a runtime of its own so that it never competes with the loop.
@@ -428,6 +429,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             metrics: None,
             candidates: Vec::new(),
             outbox: Vec::new(),
+            dispatch_from: 0,
         };
         if let Some(listener) = metrics_listener {
             match crate::metrics::install(opts.config.sample_interval) {
@@ -501,9 +503,11 @@ impl Master {
             ttin: signal(SignalKind::from_raw(libc::SIGTTIN)).expect("SIGTTIN handler"),
             ttou: signal(SignalKind::from_raw(libc::SIGTTOU)).expect("SIGTTOU handler"),
         };
-        // Signals come through the event queue: the loop's every turn (one or two per
-        // connection) then polls one queue instead of six signal streams.
-        tokio::spawn(signals.forward(self.events.clone()));
+        // Signals come through a queue of their own: the loop's every turn (one or two
+        // per connection) then polls one queue instead of six signal streams, and a worker
+        // flooding the event queue cannot hold a SIGTERM or SIGCHLD back.
+        let (sig_tx, mut signals_rx) = mpsc::unbounded_channel();
+        tokio::spawn(signals.forward(sig_tx));
 
         probes::register_or_warn();
         let mut tick = tokio::time::interval(self.sampling.interval);
@@ -564,6 +568,7 @@ impl Master {
                     self.listeners[l].want_accept = false;
                     self.dispatch(l);
                 }
+                Some(sig) = signals_rx.recv() => { self.dirty = true; self.on_signal(sig) }
                 Some(ev) = events.recv() => {
                     self.on_event(ev);
                     // Drain what is already queued before planning again.
@@ -1441,17 +1446,17 @@ impl Master {
                 self.dirty = true;
                 self.on_control(req, responder)
             }
-            Event::Signal(sig) => {
-                self.dirty = true;
-                match sig {
-                    Sig::Chld => self.on_sigchld(),
-                    Sig::Term => self.on_stop_signal("SIGTERM"),
-                    Sig::Int => self.on_stop_signal("SIGINT"),
-                    Sig::Hup => self.on_sighup(),
-                    Sig::Ttin => self.scale_by_hand(1),
-                    Sig::Ttou => self.scale_by_hand(-1),
-                }
-            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: Sig) {
+        match sig {
+            Sig::Chld => self.on_sigchld(),
+            Sig::Term => self.on_stop_signal("SIGTERM"),
+            Sig::Int => self.on_stop_signal("SIGINT"),
+            Sig::Hup => self.on_sighup(),
+            Sig::Ttin => self.scale_by_hand(1),
+            Sig::Ttou => self.scale_by_hand(-1),
         }
     }
 

@@ -214,6 +214,8 @@ impl Master {
                 .take_if(|c| !c.acked && refused.as_ref().is_some_and(|fd| Arc::ptr_eq(fd, &c.fd)));
             let app = io.app;
             io.refused_at = Some(Instant::now());
+            // Its pause's end is a deadline the loop must plan for.
+            self.dirty = true;
             if let Some(c) = conn {
                 self.refused_conn(app, c);
             }
@@ -244,6 +246,7 @@ impl Master {
             close_conn(c);
         } else {
             io.refused_at = Some(Instant::now());
+            self.dirty = true;
             // The worker would not take it (its server is closing, or it is at
             // maxConnections): someone else gets it.
             self.refused_conn(app, c);
@@ -556,7 +559,13 @@ impl Master {
     }
 
     pub(super) fn dispatch_app(&mut self, app: usize) {
-        for l in 0..self.listeners.len() {
+        // Starting from a different listener each time: a worker that frees up takes from
+        // each of its app's listeners in turn, so a busy one cannot starve another.
+        let n = self.listeners.len();
+        let start = self.dispatch_from % n.max(1);
+        self.dispatch_from = start + 1;
+        for k in 0..n {
+            let l = (start + k) % n;
             if self.listeners[l].app == app {
                 self.dispatch(l);
             }

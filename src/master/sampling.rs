@@ -183,6 +183,11 @@ impl Master {
         for app in 0..self.pools.len() {
             self.sample_app(app, now, &host);
         }
+        // Lags grow while pings go unanswered, with no event to say so: least-loaded's
+        // choice can change on its own (every worker now stuck: one of them is used).
+        for app in 0..self.pools.len() {
+            self.dispatch_app(app);
+        }
         crate::metrics::host_tick(host.cpus, host.cpu_busy, host.mem_headroom);
         if let Some(r) = &self.registry {
             crate::metrics::registry_tick(r.state().label() == "connected");
@@ -442,6 +447,10 @@ impl Master {
         {
             io.load.ping_rtt = Some(sent.elapsed());
             io.load.ping = None;
+            // A loop least-loaded dispatch took for stuck may be back: connections that
+            // waited for another worker can go to it now.
+            let app = io.app;
+            self.dispatch_app(app);
         }
     }
 }
