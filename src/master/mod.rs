@@ -163,6 +163,8 @@ struct ListenerEntry {
     want_accept: bool,
     /// `accept4` failed (`ACCEPT_RETRY`): accepting pauses until then.
     accept_retry_at: Option<Instant>,
+    /// Times `accept4` failed so; the 1st, 2nd, 4th… are logged.
+    accept_errors: u64,
     passed: u64,
     /// Connections closed because every worker refused them.
     closed_refused: u64,
@@ -329,6 +331,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
                 acceptor: None,
                 want_accept: false,
                 accept_retry_at: None,
+                accept_errors: 0,
                 closed_refused: 0,
                 passed: 0,
             });

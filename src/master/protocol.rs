@@ -478,6 +478,7 @@ impl Master {
             acceptor: None,
             want_accept: false,
             accept_retry_at: None,
+            accept_errors: 0,
             closed_refused: 0,
             passed: 0,
         });
@@ -548,8 +549,16 @@ impl Master {
                         Some(libc::ECONNABORTED) | Some(libc::EINTR)
                     ) => {}
                 Err(e) => {
-                    // EMFILE and friends: pause instead of spinning.
-                    warn!("{}: accept failed: {e}", entry.listener.local);
+                    // EMFILE and friends: pause instead of spinning, and log the 1st, 2nd,
+                    // 4th… failure, not a hundred a second.
+                    entry.accept_errors += 1;
+                    let n = entry.accept_errors;
+                    if n.is_power_of_two() {
+                        warn!(
+                            "{}: accept failed: {e} ({n} so far; trying again every {:?})",
+                            entry.listener.local, ACCEPT_RETRY
+                        );
+                    }
                     entry.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
                     self.dirty = true;
                     return None;

@@ -1266,6 +1266,89 @@ fn a_passed_connection_the_worker_set_to_linger_does_not_block_the_master() {
 
 /// Two workers behind one listener, the one in slot 0 refusing every handle with a NACK
 /// (after asking a question of its own, which the master answers behind that handle).
+/// Sets the soft `RLIMIT_NOFILE` of `pid`; returns the old limits.
+fn set_nofile(pid: i32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reading pid's limit into `old`; no new limit.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) },
+        0
+    );
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: both pointers are to live rlimit values.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) },
+        0
+    );
+    old
+}
+
+/// The master out of fds (its soft limit lowered under the fds it has) cannot accept: it
+/// logs that, without a line every 10 ms, and tries again; a connection waiting meanwhile
+/// is served once fds are there again.
+#[test]
+fn accepting_resumes_when_the_master_has_fds_again() {
+    let m = run_config(
+        r#"
+        [apps.web]
+        command = ["{fixture}", "serve"]
+        listen = "127.0.0.1:0"
+        dispatch = "round-robin"
+        ready_after = "20ms"
+        "#,
+        &[],
+    );
+    let port = m.port();
+    m.wait_ready(1);
+    get(port).unwrap_or_else(|e| m.fail(&format!("before: {e}")));
+    // The lowest free fd number: a limit there leaves the master no fd to open.
+    let used: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !used.contains(n)).unwrap();
+    let old = set_nofile(m.pid(), lowest_free);
+    let client = std::thread::spawn(move || get(port));
+    let failed = m.wait_log("accept failed");
+    assert!(failed.contains("Too many open files"), "{failed}");
+    m.wait_log("(4 so far;");
+    // Tried again every 10 ms, not at the next tick (1 s): the 4th failure comes soon.
+    let times: Vec<Instant> = m
+        .out
+        .matching("accept failed")
+        .iter()
+        .map(|l| l.0)
+        .collect();
+    let first_to_fourth = times[times.len() - 1] - times[0];
+    assert!(
+        first_to_fourth < Duration::from_secs(2),
+        "{first_to_fourth:?} from the 1st failure to the 4th"
+    );
+    let t = Instant::now();
+    set_nofile(m.pid(), old.rlim_cur);
+    let body = client.join().unwrap();
+    body.unwrap_or_else(|e| m.fail(&format!("the waiting connection: {e}")));
+    let logged = m.out.matching("accept failed").len();
+    assert!(
+        logged <= 12,
+        "{logged} lines for the failures: {}",
+        m.out.text()
+    );
+    report(
+        "the master out of fds",
+        format!(
+            "accepting resumed; the waiting connection answered {:?} after the limit was raised, {logged} log lines",
+            t.elapsed()
+        ),
+    );
+}
+
 /// A refusing worker's pause ends by itself. Slot 0 refuses every handle and slot 1 holds
 /// the one it takes without ever acknowledging it: once slot 1 has a connection, the next
 /// one can only go to slot 0, and it must be offered there again when the pause is over,
