@@ -425,8 +425,9 @@ impl Master {
             self.listeners[i].keys.insert(key.to_string());
             return Ok(i);
         }
-        // Each key asked for costs an fd and an accept task for the master's life (it
-        // stays bound across restarts); a worker asking for ever more is capped.
+        // Each key asked for costs two fds (the listener and the loop's registration of it)
+        // for the master's life (it stays bound across restarts); a worker asking for ever
+        // more is capped.
         let asked = self
             .listeners
             .iter()
