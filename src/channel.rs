@@ -5,8 +5,9 @@
 //! One task per worker reads the master's end with `recvmsg` (room for a few fds). A line
 //! goes out with a `sendmsg` from the sender itself when nothing is queued ahead of it;
 //! what the socket does not take is queued for the task, which writes it as the socket
-//! drains. Either way the fd rides on the first `sendmsg` of its line, as libuv sends it. Received fds are matched to messages the way Node matches them: the first fd
-//! waiting goes to the first `NODE_HANDLE` message that finishes parsing after it arrived.
+//! drains. Either way the fd rides on the first `sendmsg` of its line, as libuv sends it.
+//! Received fds are matched to messages the way Node matches them: the first fd waiting
+//! goes to the first `NODE_HANDLE` message that finishes parsing after it arrived.
 //!
 //! The invariant: a worker can only hurt its own channel. A line over [`MAX_LINE`],
 //! invalid JSON, fds piling up with no message to claim them, or more than
