@@ -381,14 +381,18 @@ async fn run<E>(
     }
 }
 
-enum Read {
+/// What one [`read_some`] got.
+#[derive(Debug)]
+pub enum Read {
     /// This many bytes into the buffer, and the fds that came with them.
     Data(usize, Vec<OwnedFd>),
     Eof,
     WouldBlock,
 }
 
-fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
+/// One `recvmsg` on a channel, with room for a few fds (close-on-exec), retried on
+/// `EINTR`. Both ends use it: the master's channel task and [`crate::worker::Channel`].
+pub fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
     let mut iov = [IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     let (n, fds) = loop {

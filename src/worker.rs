@@ -16,13 +16,13 @@
 //! }
 //! ```
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{MsgFlags, sendmsg};
 use serde_json::Value;
 
-use crate::channel::Decoder;
+use crate::channel::{Decoder, Read, read_some};
 
 /// This worker's slot (`PROCESSES_WORKER_ID`), stable across its restarts.
 pub fn slot() -> Option<u32> {
@@ -155,29 +155,12 @@ impl Channel {
                 return Ok(Some(Message::Other(v)));
             }
             let mut buf = [0u8; 16 * 1024];
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-            let msg = match recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+            let (n, fds) = match read_some(self.fd.as_raw_fd(), &mut buf)? {
+                Read::Data(n, fds) => (n, fds),
+                Read::Eof => return Ok(None),
+                // A read timeout ran out.
+                Read::WouldBlock => return Err(io::Error::from_raw_os_error(libc::EAGAIN)),
             };
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    // SAFETY: the kernel just installed these fds for us.
-                    fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-                }
-            }
-            let n = msg.bytes;
-            if n == 0 && fds.is_empty() {
-                return Ok(None);
-            }
             self.decoder.push_fds(fds).map_err(io::Error::other)?;
             let got = self
                 .decoder
