@@ -143,6 +143,16 @@ pub struct Slot {
     pub replace: Option<StopReason>,
 }
 
+impl Slot {
+    /// A worker takes this slot as its running one: a restart, unless it is the first.
+    fn taken_over(&mut self) {
+        if self.filled {
+            self.restarts += 1;
+        }
+        self.filled = true;
+    }
+}
+
 /// A rolling reload in progress.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reload {
@@ -508,10 +518,7 @@ impl Pool {
         } else {
             // A replacement counts once it takes over (`on_ready`); this one takes an
             // empty slot now.
-            if s.filled {
-                s.restarts += 1;
-            }
-            s.filled = true;
+            s.taken_over();
             s.current = Some(id);
         }
         self.workers.insert(
@@ -574,10 +581,7 @@ impl Pool {
         }
         let old = s.current.replace(id);
         s.incoming = None;
-        if s.filled {
-            s.restarts += 1;
-        }
-        s.filled = true;
+        s.taken_over();
         let reason = s.replace.take().unwrap_or(StopReason::Replaced);
         if reason == StopReason::Replaced
             && let Some(r) = self.reload.as_mut()
