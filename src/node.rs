@@ -272,18 +272,9 @@ pub fn reply_error(ack: u64, seq: u64, key: &str, errno: i32) -> Value {
     json!({"cmd": "NODE_CLUSTER", "errno": -errno.abs(), "key": key, "ack": ack, "data": null, "seq": seq})
 }
 
-/// One connection for a cluster worker's server.
-pub fn newconn(seq: u64, key: &str) -> Value {
-    json!({
-        "cmd": "NODE_HANDLE",
-        "type": "net.Native",
-        "msg": {"cmd": "NODE_CLUSTER", "act": "newconn", "key": key, "seq": seq},
-    })
-}
-
-/// [`newconn`] as the line that goes on the wire, written without building a JSON value:
-/// one of these goes out per connection.
-pub fn newconn_line(seq: u64, key: &str) -> Vec<u8> {
+/// One connection for a cluster worker's server, as the line that goes on the wire
+/// (newline included), written without building a JSON value: one goes out per connection.
+pub fn newconn(seq: u64, key: &str) -> Vec<u8> {
     use std::io::Write;
     let mut line = Vec::with_capacity(96 + key.len());
     line.extend_from_slice(br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"#);
@@ -410,15 +401,19 @@ mod tests {
             }
         }
 
-        /// The `newconn` line written by hand is one line of exactly the JSON value
-        /// [`newconn`] builds, whatever the key holds.
+        /// The `newconn` line written by hand is one line of exactly Node's `newconn`
+        /// message, whatever the key holds.
         #[test]
-        fn newconn_line_is_the_newconn_value(seq in proptest::prelude::any::<u64>(), key in "\\PC{0,40}|[\"\\\\\n\u{0}-\u{1f}]{0,8}") {
-            let line = newconn_line(seq, &key);
+        fn newconn_is_one_line_of_nodes_newconn(seq in proptest::prelude::any::<u64>(), key in "\\PC{0,40}|[\"\\\\\n\u{0}-\u{1f}]{0,8}") {
+            let line = newconn(seq, &key);
             proptest::prop_assert_eq!(line.last(), Some(&b'\n'));
             proptest::prop_assert!(!line[..line.len() - 1].contains(&b'\n'));
             let parsed: Value = serde_json::from_slice(&line).unwrap();
-            proptest::prop_assert_eq!(parsed, newconn(seq, &key));
+            proptest::prop_assert_eq!(parsed, json!({
+                "cmd": "NODE_HANDLE",
+                "type": "net.Native",
+                "msg": {"cmd": "NODE_CLUSTER", "act": "newconn", "key": key, "seq": seq},
+            }));
         }
     }
 
@@ -483,8 +478,11 @@ mod tests {
             r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"null:18080:4:undefined:0","ack":1,"data":null,"sockname":{"address":"::","family":"IPv6","port":18080},"seq":0}"#
         );
         assert_eq!(
-            serde_json::to_string(&newconn(1, "null:18080:4:undefined:0")).unwrap(),
-            r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"null:18080:4:undefined:0","seq":1}}"#
+            String::from_utf8(newconn(1, "null:18080:4:undefined:0")).unwrap(),
+            concat!(
+                r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"null:18080:4:undefined:0","seq":1}}"#,
+                "\n"
+            )
         );
         assert_eq!(
             serde_json::to_string(&reply_shared(

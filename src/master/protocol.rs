@@ -659,7 +659,7 @@ impl Master {
         let (line, seq) = if let Some(key) = io.keys.get(&l).and_then(|k| k.first()) {
             let seq = io.seq;
             io.seq += 1;
-            (node::newconn_line(seq, key), Some(seq))
+            (node::newconn(seq, key), Some(seq))
         } else {
             let value = node::connection(l, &self.listeners[l].listener.local.to_string());
             (Outgoing::json(&value, None).line, None)
