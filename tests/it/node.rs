@@ -754,9 +754,10 @@ fn lags_as_stuck(w: &Value) -> bool {
 }
 
 /// Starts 3 `stuck.js` workers under `--dispatch least-loaded`, wedges slot 0 in a busy
-/// loop, and waits until the master can know: its status shows the worker busy (where it
-/// reports a busy fraction). Returns the master, the port and the stuck pid.
-fn start_with_a_stuck_worker() -> (Master, u16, i32) {
+/// loop with `signal` (`SIGUSR2`: for good; `SIGUSR1`: until the test deletes the
+/// `stuck` file), and waits until the master can know: its status shows the worker's lag.
+/// Returns the master, the port and the stuck pid.
+fn start_with_a_stuck_worker(signal: i32) -> (Master, u16, i32) {
     let m = run_stuck_js("3", &["--dispatch", "least-loaded"]);
     let port = m.port();
     let status = m.wait_ready(3);
@@ -765,7 +766,7 @@ fn start_with_a_stuck_worker() -> (Master, u16, i32) {
         get_pid(port).unwrap_or_else(|e| m.fail(&e.to_string()));
     }
     let stuck = pid_of_slot(&status, 0);
-    kill(stuck, libc::SIGUSR2);
+    kill(stuck, signal);
     let marker = m.path().join("stuck");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&marker).ok() != Some(stuck.to_string()) {
@@ -788,7 +789,7 @@ fn start_with_a_stuck_worker() -> (Master, u16, i32) {
 /// request, one after another, is answered promptly by the others.
 #[test]
 fn least_loaded_dispatch_avoids_a_stuck_worker() {
-    let (m, port, stuck) = start_with_a_stuck_worker();
+    let (m, port, stuck) = start_with_a_stuck_worker(libc::SIGUSR2);
     for i in 0..30 {
         let t = Instant::now();
         match http_get(port, Duration::from_secs(2)) {
@@ -807,7 +808,7 @@ fn least_loaded_dispatch_avoids_a_stuck_worker() {
 /// still be answered promptly.
 #[test]
 fn least_loaded_dispatch_avoids_a_stuck_worker_under_concurrent_load() {
-    let (m, port, stuck) = start_with_a_stuck_worker();
+    let (m, port, stuck) = start_with_a_stuck_worker(libc::SIGUSR2);
     let (counts, failures) = hammer(port, 3, Duration::from_secs(2), Duration::from_secs(2));
     eprintln!("after worker {stuck} got stuck: {counts:?}");
     if !failures.is_empty() {
@@ -821,6 +822,40 @@ fn least_loaded_dispatch_avoids_a_stuck_worker_under_concurrent_load() {
     }
     assert!(!counts.contains_key(&stuck), "{counts:?}");
     assert!(counts.values().sum::<usize>() >= 30, "{counts:?}");
+}
+
+/// Least-loaded gives a worker connections again once its loop, stuck for a while, runs
+/// again: the master sees its ping answered, its lag falls below the stuck threshold, and
+/// the next requests, one after another, reach it too. None fails meanwhile.
+#[test]
+fn least_loaded_dispatch_returns_to_a_worker_whose_loop_runs_again() {
+    let (m, port, stuck) = start_with_a_stuck_worker(libc::SIGUSR1);
+    for i in 0..10 {
+        let pid = get_pid(port).unwrap_or_else(|e| m.fail(&format!("request {i}: {e}")));
+        assert_ne!(pid, stuck, "request {i} went to the stuck worker");
+    }
+    std::fs::remove_file(m.path().join("stuck")).unwrap();
+    m.wait_status("the recovered worker's lag to fall", |s| {
+        s["apps"][0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["pid"] == stuck && w["lag_ms"].is_number() && !lags_as_stuck(w))
+    });
+    let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !counts.contains_key(&stuck) {
+        if Instant::now() > deadline {
+            m.fail(&format!(
+                "worker {stuck} ran again but got none of {counts:?}; status {}",
+                m.status().unwrap()
+            ));
+        }
+        let pid = get_pid(port)
+            .unwrap_or_else(|e| m.fail(&format!("a request after the worker recovered: {e}")));
+        *counts.entry(pid).or_default() += 1;
+    }
+    eprintln!("after worker {stuck} ran again: {counts:?}");
 }
 
 /// The preload reports the connections each worker's servers hold open (least-loaded
