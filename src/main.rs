@@ -246,16 +246,23 @@ fn print_status(data: &serde_json::Value) {
             (Some(u), Some(max)) if u < max => format!(" (at most {u} here: machine bound)"),
             _ => String::new(),
         };
+        // A fixed-size pool has no bounds to show: `min`/`max` are only what `scale` takes.
+        let sizing = if app["autoscale"].is_null() {
+            "fixed".to_string()
+        } else {
+            format!("bounds {}..{}{cap}", app["min"], app["max"])
+        };
+        let stopped = app["stopped"].as_bool() == Some(true);
         println!(
-            "{}  size {} (ready {})  desired {}  bounds {}..{}{cap}  dispatch {}{}",
+            "{}  size {} (ready {})  desired {}  {sizing}  dispatch {}{}",
             text(&app["name"]),
             app["size"],
             app["ready"],
             app["desired"],
-            app["min"],
-            app["max"],
             text(&app["dispatch"]),
-            if app["reloading"].as_bool() == Some(true) {
+            if stopped {
+                "  (stopped)"
+            } else if app["reloading"].as_bool() == Some(true) {
                 "  (reloading)"
             } else {
                 ""
@@ -293,6 +300,10 @@ fn print_status(data: &serde_json::Value) {
             };
             let note = match s["restart_in_ms"].as_u64() {
                 Some(ms) => format!("restarts in {:.1}s{after}", ms as f64 / 1000.0),
+                None if stopped => format!(
+                    "stopped by `processes stop`; `processes start {}` starts it",
+                    text(&app["name"])
+                ),
                 None if state == "stopped" => format!(
                     "kept down by its restart policy; `processes start {}` starts it",
                     text(&app["name"])

@@ -603,14 +603,6 @@ impl Master {
         if self.shutdown.is_some() {
             return self.pools.iter().all(|p| p.workers.is_empty()).then_some(0);
         }
-        if self
-            .pools
-            .iter()
-            .all(|p| p.stopping && p.workers.is_empty())
-        {
-            info!("every app was stopped; exiting");
-            return Some(0);
-        }
         if self.pools.iter().all(|p| p.all_parked()) {
             info!("every app has stopped and its restart policy keeps it down; exiting");
             return Some(self.exit_code);
@@ -1174,9 +1166,31 @@ impl Master {
         self.begin_shutdown(now);
     }
 
+    /// Ends `app`'s reload, if one runs, because the app is being stopped: the clients
+    /// waiting for it are told (and exit non-zero) instead of waiting for good. The new
+    /// settings stay: they are what the app runs when started again.
+    fn cancel_reload(&mut self, app: usize, why: &str) {
+        let Some(r) = self.pools[app].end_reload(true) else {
+            return;
+        };
+        let name = self.pools[app].spec.name.clone();
+        probes::reload_done(name.as_str(), r.replaced as u32, false);
+        let msg = format!(
+            "{name}: reload stopped after replacing {}/{}: {why}",
+            r.replaced, r.total
+        );
+        warn!("{msg}");
+        self.reload_ended(app, r.replaced, r.total, Some(msg));
+    }
+
     /// Stops one app for good: its workers drain, its slots are not refilled.
     fn stop_app(&mut self, app: usize, now: Instant) {
         info!("{}: stopping (processes stop)", self.pools[app].spec.name);
+        let start = format!(
+            "the app was stopped; `processes start {}` runs it with the new settings",
+            self.pools[app].spec.name
+        );
+        self.cancel_reload(app, &start);
         let pool = &mut self.pools[app];
         pool.stopping = true;
         for s in pool.slots.values_mut() {
@@ -1281,6 +1295,9 @@ impl Master {
     fn begin_shutdown(&mut self, now: Instant) {
         self.shutdown = Some(now);
         let _ = crate::notify::notify_parent("STOPPING=1");
+        for app in 0..self.pools.len() {
+            self.cancel_reload(app, "the master is stopping");
+        }
         let mut to_stop = Vec::new();
         for (app, pool) in self.pools.iter_mut().enumerate() {
             pool.stopping = true;

@@ -335,7 +335,7 @@ impl Master {
             .slots
             .iter()
             .map(|(n, s)| {
-                let state = if s.parked.is_some() {
+                let state = if s.parked.is_some() || p.stopping {
                     "stopped"
                 } else if s.backoff.crash_looping {
                     "crash-looping"
@@ -391,7 +391,10 @@ impl Master {
             "name": p.spec.name.as_str(),
             "size": p.size(),
             "ready": p.ready(),
-            "desired": p.target,
+            // An app stopped with `processes stop APP` wants no workers until it is
+            // started again (then `target` workers).
+            "desired": if p.stopping { 0 } else { p.target },
+            "stopped": p.stopping,
             "min": lo,
             "max": hi,
             "dispatch": p.spec.dispatch().as_str(),

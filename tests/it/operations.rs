@@ -323,6 +323,20 @@ fn stop_one_app_leaves_the_others_running() {
         "{s}"
     );
     assert_eq!(s["apps"][1]["ready"], 2, "{s}");
+    // It shows as stopped, not as waiting to restart.
+    assert_eq!(s["apps"][0]["stopped"], true, "{s}");
+    assert_eq!(s["apps"][0]["desired"], 0, "{s}");
+    assert_eq!(s["apps"][0]["slots"][0]["state"], "stopped", "{s}");
+    assert_eq!(s["apps"][1]["stopped"], false, "{s}");
+    let (_, text, _) = cli(&m, &["status", "a"]);
+    assert!(
+        text.contains("desired 0  fixed  dispatch shared  (stopped)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stopped by `processes stop`; `processes start a` starts it"),
+        "{text}"
+    );
     // A stopped app is not scaled or reloaded behind the user's back: they are told how
     // to run it again, and `start` does.
     for args in [
@@ -349,6 +363,78 @@ fn stop_one_app_leaves_the_others_running() {
     // It returned once the master was gone: its control socket with it.
     assert!(!m.control.exists());
     assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// A reload still waiting for a replacement when its app is stopped ends there: the
+/// client waiting for it is told and exits non-zero instead of waiting for good, and the
+/// app starts again with the new settings.
+#[test]
+fn stopping_an_app_ends_its_reload() {
+    let config = |ready_after: &str| {
+        format!(
+            r#"
+            [apps.web]
+            command = ["{FIXTURE}"]
+            instances = 2
+            ready_after = "{ready_after}"
+            "#
+        )
+    };
+    let m = run_config(&config("50ms"), &[]);
+    m.wait_ready(2);
+    // The new version's workers get ready only after an hour: the reload waits on them.
+    std::fs::write(m.path().join("processes.toml"), config("1h")).unwrap();
+    let reload = std::thread::scope(|scope| {
+        let reload = scope.spawn(|| cli(&m, &["reload", "web"]));
+        m.wait_status("the reload under way", |s| {
+            s["apps"][0]["reloading"] == true && s["apps"][0]["size"].as_u64() > Some(2)
+        });
+        let (code, stdout, stderr) = cli(&m, &["stop", "web"]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        reload.join().unwrap()
+    });
+    let (code, stdout, stderr) = reload;
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("web: reload stopped after replacing 0/2: the app was stopped"),
+        "{stderr}"
+    );
+    let s = m.status().unwrap();
+    assert_eq!(s["apps"][0]["reloading"], false, "{s}");
+    // Started again, it runs the new settings: not ready before its hour is up.
+    let (code, _, stderr) = cli(&m, &["start", "web"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let s = m.wait_status("two new workers started", |s| s["apps"][0]["size"] == 2);
+    assert_eq!(s["apps"][0]["ready"], 0, "{s}");
+}
+
+/// Stopping the only app leaves the master running, like stopping a PM2 app leaves its
+/// daemon: the app can be started again.
+#[test]
+fn stopping_the_only_app_keeps_the_master_for_start() {
+    let m = run(&["-i", "2", "--ready-after", "50ms", "--", FIXTURE]);
+    m.wait_ready(2);
+    let (code, stdout, stderr) = cli(&m, &["stop", "processes-fixture"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("stopped processes-fixture"), "{stdout}");
+    let s = m
+        .status()
+        .unwrap_or_else(|| m.fail("no status after stopping the only app"));
+    assert!(
+        s["apps"][0]["workers"].as_array().unwrap().is_empty(),
+        "{s}"
+    );
+    assert_eq!(s["apps"][0]["stopped"], true, "{s}");
+    let (code, _, stderr) = cli(&m, &["start", "processes-fixture"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let s = m.wait_ready(2);
+    assert_eq!(s["apps"][0]["stopped"], false, "{s}");
+    assert_eq!(s["apps"][0]["desired"], 2, "{s}");
+    assert!(
+        m.out.matching("every app was stopped").is_empty(),
+        "{}",
+        m.out.text()
+    );
 }
 
 /// An app that crashes at start until it is fixed waits a minute between tries (its
