@@ -12,6 +12,18 @@ fn main() -> ExitCode {
     let inherited = processes::sockets::inherited_from_systemd();
     processes::unix::cloexec_inherited_fds();
     let cli = Cli::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
+    if !matches!(cli.command, Command::Run(_)) {
+        // A client whose reader went away (`processes status | head -1`) ends quietly, as
+        // other command-line tools do, instead of panicking on a failed print. The master
+        // keeps Rust's default (ignored): it carries on without its output's reader.
+        // SAFETY: signal(2) with SIG_DFL, before any thread starts; no handler runs.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     init_logging();
     match cli.command {
         Command::Run(args) => {

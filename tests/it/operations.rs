@@ -786,3 +786,28 @@ fn name_finds_a_master_with_its_own_control_socket() {
         "{stderr}"
     );
 }
+
+/// A client whose reader has gone (`processes status | head -1`) ends quietly, by
+/// SIGPIPE as other command-line tools do, instead of panicking on a failed print.
+#[test]
+fn a_client_whose_reader_went_away_ends_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let m = run(&["-i", "1", "--ready-after", "50ms", "--", FIXTURE]);
+    m.wait_ready(1);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let control = m.control.display().to_string();
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--control", &control])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
