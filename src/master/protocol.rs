@@ -316,9 +316,13 @@ impl Master {
             Ok(l) => l,
             Err((errno, why)) => {
                 if let Some(n) = self.count_refusal(id) {
+                    let what = match (q.address_type, q.address.as_deref()) {
+                        (node::AddressType::Pipe, Some(path)) => format!("unix socket {path}"),
+                        _ => format!("port {}", q.port),
+                    };
                     warn!(
-                        "{}: cannot listen for a worker on port {}: {why}{n}",
-                        self.pools[app].spec.name, q.port,
+                        "{}: cannot listen for a worker on {what}: {why}{n}",
+                        self.pools[app].spec.name,
                     );
                 }
                 self.send_plain(id, |seq| node::reply_error(q.seq, seq, &key, errno));
@@ -419,6 +423,29 @@ impl Master {
                     format!(
                         "its workers already asked for this port in {MAX_KEYS_PER_LISTENER} \
                          different ways (addresses or flags), the most an app may"
+                    ),
+                ));
+            }
+            self.listeners[i].keys.insert(key.to_string());
+            return Ok(i);
+        }
+        // Likewise a unix socket the app configured, asked for by its path (`listen(path)`;
+        // a relative path is the worker's, so relative to the app's `cwd`).
+        if q.address_type == node::AddressType::Pipe
+            && let Some(path) = q.address.as_deref()
+            && let Some(i) = self.listeners.iter().position(|l| {
+                l.app == app
+                    && l.configured
+                    && matches!(&l.listener.local, ListenAddr::Unix(p)
+                        if same_path(p, path, self.pools[app].spec.cwd.as_deref()))
+            })
+        {
+            if self.listeners[i].keys.len() >= MAX_KEYS_PER_LISTENER {
+                return Err((
+                    libc::EADDRINUSE,
+                    format!(
+                        "its workers already asked for this path in {MAX_KEYS_PER_LISTENER} \
+                         different ways, the most an app may"
                     ),
                 ));
             }
@@ -688,6 +715,20 @@ impl Master {
 pub(super) fn close_conn(c: ConnInFlight) {
     unix::disarm_linger(c.fd.as_ref());
     drop(c);
+}
+
+/// Whether the unix socket path `asked` (by a worker running in `cwd`) names `bound`.
+fn same_path(bound: &std::path::Path, asked: &str, cwd: Option<&std::path::Path>) -> bool {
+    let asked = std::path::Path::new(asked);
+    if bound == asked {
+        return true;
+    }
+    // The master bound its path from its own directory; the worker runs in `cwd`.
+    let Ok(here) = std::env::current_dir() else {
+        return false;
+    };
+    let worker_dir = cwd.map_or(here.clone(), |d| here.join(d));
+    worker_dir.join(asked) == here.join(bound)
 }
 
 /// Binds what a Node worker asked for: `null` means every address (`::`, dual-stack, as

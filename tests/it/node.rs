@@ -81,6 +81,52 @@ fn http_get(port: u16, timeout: Duration) -> std::io::Result<Value> {
     serde_json::from_str(body).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
 }
 
+/// A unix socket the app lists in `--listen` is the one a Node worker's `listen(path)` gets,
+/// whether the worker names it as given or relative to its directory: the master accepts on
+/// it and passes the connections round-robin, and binds nothing else.
+#[test]
+fn a_unix_socket_in_listen_is_the_one_node_workers_listen_on() {
+    use std::os::unix::net::UnixStream;
+    let script = app("http.js");
+    let m = run(&[
+        "-i",
+        "2",
+        "--listen",
+        "{dir}/web.sock",
+        "--env",
+        "SOCK=web.sock",
+        "--",
+        "node",
+        &script,
+    ]);
+    let status = m.wait_ready(2);
+    let listeners = status["apps"][0]["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 1, "{status}");
+    assert_eq!(listeners[0]["mode"], "pass", "{status}");
+    let sock = m.path().join("web.sock");
+    let mut pids = BTreeSet::new();
+    for i in 0..10 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut resp = String::new();
+        if let Err(e) = s.read_to_string(&mut resp) {
+            m.fail(&format!("request {i} on {}: {e}", sock.display()));
+        }
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| m.fail(&format!("request {i}: {e}: {resp:?}")));
+        pids.insert(v["pid"].as_i64().unwrap());
+    }
+    assert_eq!(pids.len(), 2, "both workers answer: {pids:?}");
+    assert!(
+        m.out.matching("asked by a worker").is_empty(),
+        "{}",
+        m.out.text()
+    );
+}
+
 /// The pid of the worker that answered one GET.
 fn get_pid(port: u16) -> std::io::Result<i32> {
     let v = http_get(port, Duration::from_secs(10))?;

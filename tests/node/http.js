@@ -1,5 +1,6 @@
 // A plain CommonJS HTTP server that knows nothing about processes: it listens on PORT (and
-// on PORT2 as well when that is set) and answers every request with who served it. With
+// on PORT2 as well when that is set, and on the unix socket path SOCK when that is set) and
+// answers every request with who served it. With
 // HOST_SLOT<n> set, the worker in slot n listens on that host (`listen(PORT, HOST)`).
 'use strict';
 const http = require('http');
@@ -26,3 +27,4 @@ for (const name of ['PORT', 'PORT2']) {
   if (port && host) http.createServer(handler).listen(Number(port), host);
   else if (port) http.createServer(handler).listen(Number(port));
 }
+if (process.env.SOCK) http.createServer(handler).listen(process.env.SOCK);
