@@ -680,6 +680,28 @@ pub fn looks_like_node(command: &[String]) -> bool {
     })
 }
 
+/// What to tell the user when a generic app that listens is started through a package
+/// manager (`npm start`, `yarn start`…): the Node server behind it is not recognised as Node,
+/// so it binds the port itself and fails with `EADDRINUSE` against the master's socket.
+pub fn wrapper_hint(spec: &AppSpec, listens: bool) -> Option<String> {
+    let prog = spec.command.first().map(|c| {
+        Path::new(c)
+            .file_name()
+            .and_then(|b| b.to_str())
+            .unwrap_or("")
+            .to_string()
+    })?;
+    let wrappers = ["npm", "npx", "yarn", "pnpm"];
+    (listens && spec.runtime == Runtime::Generic && wrappers.contains(&prog.as_str())).then(|| {
+        format!(
+            "`{prog}` is not `node`, so this app's workers are generic: they inherit the \
+             listening sockets (LISTEN_FDS) and must not bind the port themselves. A Node \
+             server started through {prog} binds it and fails with EADDRINUSE; run it as \
+             `-- node SCRIPT` instead, which runs it as a Node cluster"
+        )
+    })
+}
+
 /// A default app name from the command: the script's stem for interpreters
 /// (`node server.js` → `server`), else the program's base name.
 pub fn default_name(command: &[String]) -> String {
@@ -1453,6 +1475,27 @@ mod tests {
         assert!(looks_like_node(&cmd("nodejs a.js")));
         assert!(!looks_like_node(&cmd("python3 app.py")));
         assert!(!looks_like_node(&cmd("nodemon a.js")));
+    }
+
+    #[test]
+    fn a_listening_app_started_through_a_package_manager_gets_a_hint() {
+        let spec = |cmd: &str, runtime: &str| {
+            let text = format!("[apps.a]\ncommand = {cmd}\n{runtime}");
+            parse_str(&text, "config t", None).unwrap().apps.remove(0)
+        };
+        let npm = spec(r#"["npm", "start"]"#, "");
+        let hint = wrapper_hint(&npm, true).unwrap();
+        assert!(hint.starts_with("`npm` is not `node`"), "{hint}");
+        assert!(hint.contains("-- node SCRIPT"), "{hint}");
+        assert!(wrapper_hint(&spec(r#"["npx", "serve"]"#, ""), true).is_some());
+        // Nothing to say: it does not listen, it is Node, or it was said to be Node.
+        assert_eq!(wrapper_hint(&npm, false), None);
+        assert_eq!(wrapper_hint(&spec(r#"["node", "s.js"]"#, ""), true), None);
+        assert_eq!(
+            wrapper_hint(&spec(r#"["npm", "start"]"#, r#"runtime = "node""#), true),
+            None
+        );
+        assert_eq!(wrapper_hint(&spec(r#"["python3", "a.py"]"#, ""), true), None);
     }
 
     #[test]

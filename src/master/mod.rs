@@ -521,6 +521,12 @@ impl Master {
                 self.pools[l.app].spec.name, l.listener.local
             );
         }
+        for (app, p) in self.pools.iter().enumerate() {
+            let listens = self.listeners.iter().any(|l| l.app == app);
+            if let Some(hint) = crate::config::wrapper_hint(&p.spec, listens) {
+                warn!("{}: {hint}", p.spec.name);
+            }
+        }
         info!(
             "master pid {} ready; control socket {}",
             std::process::id(),
