@@ -1495,7 +1495,10 @@ mod tests {
             wrapper_hint(&spec(r#"["npm", "start"]"#, r#"runtime = "node""#), true),
             None
         );
-        assert_eq!(wrapper_hint(&spec(r#"["python3", "a.py"]"#, ""), true), None);
+        assert_eq!(
+            wrapper_hint(&spec(r#"["python3", "a.py"]"#, ""), true),
+            None
+        );
     }
 
     #[test]
