@@ -94,6 +94,15 @@ impl RestartPolicy {
             )),
         }
     }
+
+    /// As it is written in a config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
 }
 
 /// How connections reach workers.

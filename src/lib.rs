@@ -21,6 +21,7 @@ pub mod control;
 pub mod controller;
 pub mod dispatch;
 pub mod errors;
+pub mod human;
 pub mod master;
 pub mod metrics;
 pub mod node;

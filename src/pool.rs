@@ -410,8 +410,8 @@ impl Pool {
                 actions.push(Action::ReloadEnded(ReloadOutcome::Failed {
                     replaced: r.replaced,
                     why: format!(
-                        "the replacement for slot {slot} was not ready within {:?}",
-                        r.timeout
+                        "the replacement for slot {slot} was not ready within {}",
+                        crate::human::duration(r.timeout)
                     ),
                 }));
                 return;

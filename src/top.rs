@@ -1261,15 +1261,13 @@ fn fmt_bytes(b: u64) -> String {
     }
 }
 
-/// `950ms`, `12.3s`, `4m12s`, `2h05m`, `3d04h`.
+/// `950ms`, `12.3s`, `4m12s`, `2h05m`, `3d04h`: whole milliseconds, one decimal of
+/// seconds, so the column does not jump as the figure ticks.
 fn fmt_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        _ if ms < 1000 => format!("{ms}ms"),
-        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
-        _ => format!("{}d{:02}h", s / 86400, s / 3600 % 24),
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => crate::human::duration(std::time::Duration::from_millis(ms)),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::config::{AppSpec, Config, ListenAddr, Runtime};
 use crate::control::{self, Reply, Request};
 use crate::dispatch::{self, Candidate};
 use crate::errors::StartError;
+use crate::human;
 use crate::node::{self, FromWorker};
 use crate::notify::{Notice, NotifySocket};
 use crate::output::{Sink, Stream};
@@ -682,11 +683,11 @@ impl Master {
                     && st.kill_at <= now
                 {
                     warn!(
-                        "[{}:{}] pid {} still running {:?} after it was asked to stop; sending SIGKILL",
+                        "[{}:{}] pid {} still running {} after it was asked to stop; sending SIGKILL",
                         pool.spec.name,
                         w.slot,
                         w.pid,
-                        now.saturating_duration_since(st.since)
+                        human::duration(now.saturating_duration_since(st.since))
                     );
                     let _ = unix::signal_group(w.pid, Signal::SIGKILL);
                     st.killed = true;
@@ -774,7 +775,12 @@ impl Master {
                 let pool = &mut self.pools[app];
                 match pool.on_spawn_failed(slot, incoming, now, jitter) {
                     Restart::After { delay, .. } => {
-                        info!("[{}:{}] retrying in {:?}", spec.name, slot, delay)
+                        info!(
+                            "[{}:{}] retrying in {}",
+                            spec.name,
+                            slot,
+                            human::duration(delay)
+                        )
                     }
                     Restart::No if incoming => {
                         let replaced = pool.reload.as_ref().map_or(0, |r| r.replaced);
@@ -948,11 +954,11 @@ impl Master {
             startup.as_micros() as u64,
         );
         info!(
-            "[{}:{}] pid {} ready after {:?} ({why})",
+            "[{}:{}] pid {} ready after {} ({why})",
             pool.spec.name,
             slot,
             pid,
-            now.saturating_duration_since(started)
+            human::duration(now.saturating_duration_since(started))
         );
         if let Some((old, reason)) = replaced {
             self.stop_worker(app, old, reason, now);
@@ -984,9 +990,9 @@ impl Master {
         let failure = match outcome {
             ReloadOutcome::Done { replaced } => {
                 info!(
-                    "{name}: reload done, {replaced}/{} workers replaced in {:?}",
+                    "{name}: reload done, {replaced}/{} workers replaced in {}",
                     r.total,
-                    r.started.elapsed()
+                    human::duration(r.started.elapsed())
                 );
                 None
             }
@@ -1101,17 +1107,23 @@ impl Master {
                 match (exit, stopping) {
                     // The signal the master sent to stop it: a stop, not a kill.
                     (ExitKind::Signal(s), Some(st)) if s == libc::SIGTERM && st.termed => info!(
-                        "[{name}:{slot}] pid {pid} stopped by SIGTERM after {uptime:?} ({why})"
+                        "[{name}:{slot}] pid {pid} stopped by SIGTERM, up {} ({why})",
+                        human::duration(uptime)
                     ),
                     (ExitKind::Signal(s), Some(st)) if s == libc::SIGKILL && st.killed => info!(
-                        "[{name}:{slot}] pid {pid} stopped by SIGKILL after {uptime:?} ({why}, forced)"
+                        "[{name}:{slot}] pid {pid} stopped by SIGKILL, up {} ({why}, forced)",
+                        human::duration(uptime)
                     ),
                     // A signal from someone else (or a fault) while it was stopping.
                     (ExitKind::Signal(_), _) => warn!(
-                        "[{name}:{slot}] pid {pid} {how} after {uptime:?} while stopping ({why})"
+                        "[{name}:{slot}] pid {pid} {how}, up {}, while stopping ({why})",
+                        human::duration(uptime)
                     ),
                     (ExitKind::Code(_), _) => {
-                        info!("[{name}:{slot}] pid {pid} {how} after {uptime:?} (stopped: {why})")
+                        info!(
+                            "[{name}:{slot}] pid {pid} {how}, up {} (stopped: {why})",
+                            human::duration(uptime)
+                        )
                     }
                 }
             }
@@ -1122,11 +1134,15 @@ impl Master {
             })) => {
                 if crash_looping {
                     warn!(
-                        "[{name}:{slot}] pid {pid} {how} after {uptime:?}; crash-looping, restart {attempt} in {delay:?}"
+                        "[{name}:{slot}] pid {pid} {how} after {}; crash-looping, restart {attempt} in {}",
+                        human::duration(uptime),
+                        human::duration(delay)
                     );
                 } else {
                     warn!(
-                        "[{name}:{slot}] pid {pid} {how} after {uptime:?}; restart {attempt} in {delay:?}"
+                        "[{name}:{slot}] pid {pid} {how} after {}; restart {attempt} in {}",
+                        human::duration(uptime),
+                        human::duration(delay)
                     );
                 }
             }
@@ -1135,8 +1151,9 @@ impl Master {
                     self.exit_code = 1;
                 }
                 info!(
-                    "[{name}:{slot}] pid {pid} {how} after {uptime:?}; not restarted (restart = {:?})",
-                    pool.spec.restart
+                    "[{name}:{slot}] pid {pid} {how} after {}; not restarted (restart = {})",
+                    human::duration(uptime),
+                    pool.spec.restart.as_str()
                 );
             }
             Some(ExitOutcome::ReplacementDied { slot }) => {
@@ -1441,10 +1458,10 @@ impl Master {
             let want = (before as i64 + delta).max(0) as usize;
             let now = pool.set_target(want);
             if now == before {
+                let (lo, hi) = pool.spec.sizing.bounds();
                 info!(
-                    "{}: stays at {before} workers (bounds {:?})",
-                    pool.spec.name,
-                    pool.spec.sizing.bounds()
+                    "{}: stays at {before} workers (bounds {lo}..{hi})",
+                    pool.spec.name
                 );
             } else {
                 record::scale(pool.spec.name.as_str(), before, now, "signal");

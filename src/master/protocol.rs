@@ -583,8 +583,9 @@ impl Master {
                     let n = entry.accept_errors;
                     if n.is_power_of_two() {
                         warn!(
-                            "{}: accept failed: {e} ({n} so far; trying again every {:?})",
-                            entry.listener.local, ACCEPT_RETRY
+                            "{}: accept failed: {e} ({n} so far; trying again every {})",
+                            entry.listener.local,
+                            crate::human::duration(ACCEPT_RETRY)
                         );
                     }
                     entry.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
