@@ -366,10 +366,15 @@ impl Pool {
             .any(|s| s == slot)
     }
 
-    /// Slots in the order they should go when the pool shrinks: empty slots first
-    /// (nothing to stop), then slots whose worker is still starting, then ready workers
-    /// from the most idle; ties go to the highest slot number.
+    /// Slots in the order they should go when the pool shrinks. A fixed-size pool (`-i N`,
+    /// `processes scale APP N`) loses its highest slot numbers, so its slots stay `0…N−1`
+    /// for apps that give slot 0 a job of its own. An autoscaled pool loses what costs
+    /// least: empty slots first (nothing to stop), then slots whose worker is still
+    /// starting, then ready workers from the most idle; ties go to the highest slot number.
     pub fn shrink_order(&self) -> Vec<u32> {
+        if matches!(self.spec.sizing, crate::config::Sizing::Fixed(_)) {
+            return self.slots.keys().rev().copied().collect();
+        }
         let mut order: Vec<(u8, i64, std::cmp::Reverse<u32>)> = self
             .slots
             .iter()
@@ -663,7 +668,10 @@ impl Pool {
 
     fn remove_surplus_empty_slots(&mut self) {
         while self.slots.len() > self.target {
-            let Some(victim) = self.shrink_order().into_iter().find(|n| {
+            // Only slots chosen to go: an empty slot that stays (a crash's restart pending)
+            // is not removed in place of one that is still draining.
+            let surplus = self.slots.len() - self.target;
+            let Some(victim) = self.shrink_order().into_iter().take(surplus).find(|n| {
                 let s = &self.slots[n];
                 s.current.is_none() && s.incoming.is_none()
             }) else {
@@ -926,7 +934,8 @@ mod tests {
 
     #[test]
     fn shrinking_stops_starting_workers_before_ready_ones_and_the_most_idle_first() {
-        let mut p = Pool::new(spec(Sizing::Fixed(4)));
+        let mut p = Pool::new(spec(Sizing::Auto { min: 1, max: 8 }));
+        p.set_target(4);
         let t0 = Instant::now();
         let mut id = 0;
         apply(&mut p, t0, &mut id);
@@ -949,6 +958,34 @@ mod tests {
         assert_eq!(p.slots.len(), 2);
         assert_eq!(p.size(), 2);
         assert!(apply(&mut p, t0, &mut id).is_empty());
+    }
+
+    #[test]
+    fn a_fixed_size_pool_shrinks_from_its_highest_slots_whatever_their_load() {
+        let mut p = Pool::new(spec(Sizing::Fixed(4)));
+        let t0 = Instant::now();
+        let mut id = 0;
+        apply(&mut p, t0, &mut id);
+        // Slot 0 is the least busy and slot 1 waits out a crash: under autoscaling they
+        // would go first. A fixed size keeps its slots 0…N−1 (PROCESSES_WORKER_ID).
+        for (slot, busy) in [(0u32, 0.0), (2, 0.5), (3, 0.9)] {
+            let w = p.slots[&slot].current.unwrap();
+            p.on_ready(w, t0);
+            p.workers.get_mut(&w).unwrap().busy = Some(busy);
+        }
+        let w1 = p.slots[&1].current.unwrap();
+        p.on_exit(w1, ExitKind::Code(1), t0, 0.5);
+        assert_eq!(p.shrink_order(), vec![3, 2, 1, 0]);
+        p.set_target(2);
+        let stopped: Vec<_> = apply(&mut p, t0, &mut id)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Stop { worker, .. } => Some(p.workers[&worker].slot),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stopped, vec![3, 2]);
+        assert_eq!(p.slots.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]

@@ -459,3 +459,14 @@ pub fn cli(master: &Master, args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The pid of the first app's worker in `slot`.
+pub fn pid_of_slot(status: &Value, slot: u64) -> i32 {
+    status["apps"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["slot"] == slot)
+        .and_then(|w| w["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no worker in slot {slot}: {status}")) as i32
+}

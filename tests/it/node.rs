@@ -226,16 +226,6 @@ fn passed_by_pid(status: &Value) -> BTreeMap<i32, usize> {
         .collect()
 }
 
-fn pid_of_slot(status: &Value, slot: u64) -> i32 {
-    status["apps"][0]["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["slot"] == slot)
-        .and_then(|w| w["pid"].as_i64())
-        .unwrap_or_else(|| panic!("no worker in slot {slot}: {status}")) as i32
-}
-
 /// Sockets bound to local `port` in `/proc/net/{proto}` (`tcp`, `tcp6`, `udp`, `udp6`),
 /// as (state, inode); TCP listeners have state `0A`.
 fn proc_sockets(port: u16, protos: &[&str]) -> Vec<(String, u64)> {

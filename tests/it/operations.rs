@@ -811,3 +811,49 @@ fn a_client_whose_reader_went_away_ends_without_a_panic() {
         out.status
     );
 }
+
+/// A fixed size shrinks from its highest slots, so its workers stay slots 0…N−1
+/// (`PROCESSES_WORKER_ID`), even when a low slot is the cheapest to drop: here slot 0 waits
+/// out a crash's backoff, with no worker to stop.
+#[test]
+fn a_fixed_size_shrinks_from_its_highest_slots() {
+    let m = run_config(
+        &format!(
+            r#"
+            [apps.web]
+            command = ["{FIXTURE}"]
+            instances = 5
+            ready_after = "50ms"
+            [apps.web.backoff]
+            initial = "60s"
+            max = "60s"
+            "#
+        ),
+        &[],
+    );
+    let s = m.wait_ready(5);
+    kill(pid_of_slot(&s, 0), libc::SIGKILL);
+    m.wait_status("slot 0 waiting to restart", |s| {
+        s["apps"][0]["ready"] == 4 && s["apps"][0]["slots"][0]["restart_in_ms"].is_number()
+    });
+    let (code, _, stderr) = cli(&m, &["scale", "web", "2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let s = m.wait_status("three slots gone", |s| {
+        s["apps"][0]["slots"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    });
+    let slots: Vec<&serde_json::Value> = s["apps"][0]["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["slot"])
+        .collect();
+    assert_eq!(slots, [0, 1], "{s}");
+    // `start` runs the waiting slot at once: two workers, slots 0 and 1.
+    let (code, _, stderr) = cli(&m, &["start", "web"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let s = m.wait_ready(2);
+    pid_of_slot(&s, 0);
+    pid_of_slot(&s, 1);
+}
