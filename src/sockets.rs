@@ -9,7 +9,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -103,8 +102,12 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<OwnedFd> {
 }
 
 /// Makes room to bind a unix socket at `path`: a socket nobody answers on is removed; a
-/// live one is `AddrInUse`; anything that is not a socket is left alone and is
+/// live one is `EADDRINUSE`; anything that is not a socket is left alone and is
 /// `AlreadyExists` (never delete a user's file because a flag named it).
+///
+/// Whether a socket is live is asked with a non-blocking connect: a worker names the path,
+/// and a blocking connect to a listener whose accept queue is full waits until someone
+/// accepts, which could be never, on the master's only loop.
 pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
@@ -116,9 +119,46 @@ pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
             "a file that is not a socket is in the way",
         ));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::from(io::ErrorKind::AddrInUse)),
-        Err(_) => std::fs::remove_file(path),
+    match probe_unix(path)? {
+        Probe::Live => Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
+        Probe::Stale => match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+        Probe::Gone => Ok(()),
+    }
+}
+
+/// What a connect to a unix socket path found.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// Something listens there (it accepted, or its queue is full, or it is a socket of
+    /// another type that is bound).
+    Live,
+    /// A socket file with nothing behind it.
+    Stale,
+    /// Nothing is there any more.
+    Gone,
+}
+
+/// Connects to `path` without blocking and without waiting for an answer.
+fn probe_unix(path: &Path) -> io::Result<Probe> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    let err = match socket.connect(&SockAddr::unix(path)?) {
+        Ok(()) => return Ok(Probe::Live),
+        Err(e) => e,
+    };
+    match err.raw_os_error() {
+        // The accept queue is full (a unix socket says EAGAIN; EINPROGRESS for good
+        // measure): a listener is there.
+        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(Probe::Live),
+        // A bound socket of another type (datagram, seqpacket) is live too.
+        Some(libc::EPROTOTYPE) => Ok(Probe::Live),
+        Some(libc::ECONNREFUSED) => Ok(Probe::Stale),
+        Some(libc::ENOENT) => Ok(Probe::Gone),
+        // Anything else (EACCES…): we cannot tell, so the file stays and the caller hears
+        // why.
+        _ => Err(err),
     }
 }
 
@@ -285,6 +325,59 @@ mod tests {
         );
         drop(first);
         bind_unix(&path).unwrap();
+    }
+
+    /// A live socket whose accept queue is full: a blocking connect would wait for ever.
+    /// The answer is `EADDRINUSE` (the errno a Node worker is told), and at once.
+    #[test]
+    fn a_live_socket_with_a_full_queue_is_in_use_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let c = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+            match c.connect(&SockAddr::unix(&path).unwrap()) {
+                Ok(()) => queued.push(c),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+                    break;
+                }
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probed = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(clear_stale_socket(&probed));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the probe blocked")
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE), "{err}");
+        assert!(path.exists());
+        drop(queued);
+    }
+
+    #[test]
+    fn a_bound_datagram_socket_is_in_use_and_a_file_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dgram.sock");
+        let _dgram = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        assert_eq!(
+            clear_stale_socket(&path).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert_eq!(
+            bind_unix(&file).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert!(file.exists());
+        clear_stale_socket(&dir.path().join("nothing")).unwrap();
     }
 
     #[test]

@@ -1630,6 +1630,52 @@ fn a_worker_asking_for_thousands_of_listeners_cannot_exhaust_the_masters_fds() {
     assert!(fds < 150, "one worker made the master open {fds} fds");
 }
 
+/// A Node worker asks for a unix listener at a path where a live socket's accept queue is
+/// full. The master checks whether a socket file there is stale by connecting to it; a
+/// blocking connect to a full queue waits for ever, and the master has one loop. It must
+/// answer at once that the address is in use (`EADDRINUSE`), and still replace a stale
+/// socket file nobody listens on.
+#[test]
+fn a_unix_listener_with_a_full_queue_does_not_block_the_master() {
+    let mut h = Hostile::start(
+        &["query-full-unix={dir}/full.sock", "park"],
+        "runtime = \"node\"\npreload = false",
+    );
+    h.m.wait_log("has a full accept queue");
+    std::fs::write(h.m.path().join("full.sock.go"), "").unwrap();
+    let full = h.m.wait_log("full.sock answered in ");
+    // `… answered in TIME: {json}`, timed by the worker from its send to the answer.
+    let took = full
+        .split(" answered in ")
+        .nth(1)
+        .unwrap()
+        .split(": ")
+        .next()
+        .unwrap();
+    let answer = |line: &str| -> Value {
+        serde_json::from_str(&line[line.find(": {").unwrap() + 2..]).unwrap()
+    };
+    assert_eq!(
+        answer(&full)["errno"],
+        -libc::EADDRINUSE,
+        "the worker was told {full}"
+    );
+    let stale = answer(&h.m.wait_log("full.sock.stale answered in "));
+    assert!(stale["errno"].is_null(), "the stale socket: {stale}");
+    h.m.wait_log("full.sock.stale (asked by a worker)");
+    let s0 = Instant::now();
+    assert!(h.m.status().is_some(), "no status");
+    let status_took = s0.elapsed();
+    let (ok, _) = h.good_carried_on("a unix listener with a full queue");
+    report(
+        "hostile: queryServer for a unix socket whose accept queue is full",
+        format!(
+            "answered EADDRINUSE in {took} (the worker's round trip); the stale file beside it \
+             replaced and bound; status in {status_took:?}; good answered {ok}, 0 failed"
+        ),
+    );
+}
+
 /// A worker that forks children (each with a grandchild) and exits: its whole process
 /// group goes with it.
 #[test]
