@@ -497,7 +497,10 @@ fn parse_registry(top: &mut Fields) -> Result<Option<RegistrySettings>, ConfigEr
             }
             if let Some(t) = ttl {
                 if t < Duration::from_secs(1) {
-                    return Err(f.err("ttl", format!("{t:?} is below the minimum of 1s")));
+                    return Err(f.err(
+                        "ttl",
+                        format!("{} is below the minimum of 1s", crate::human::duration(t)),
+                    ));
                 }
                 r.ttl = t;
             }
@@ -532,10 +535,16 @@ pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
 /// Checks a sample interval: at least 100 ms, at most a minute.
 pub fn check_sample_interval(d: Duration) -> Result<Duration, String> {
     if d < MIN_SAMPLE_INTERVAL {
-        return Err(format!("{d:?} is below the minimum of 100ms"));
+        return Err(format!(
+            "{} is below the minimum of 100ms",
+            crate::human::duration(d)
+        ));
     }
     if d > Duration::from_secs(60) {
-        return Err(format!("{d:?} is above the maximum of 60s"));
+        return Err(format!(
+            "{} is above the maximum of 60s",
+            crate::human::duration(d)
+        ));
     }
     Ok(d)
 }
@@ -1061,7 +1070,14 @@ fn parse_backoff(
         return Err(f.err("initial", "must be above zero"));
     }
     if max < initial {
-        return Err(f.err("max", format!("{max:?} is below initial ({initial:?})")));
+        return Err(f.err(
+            "max",
+            format!(
+                "{} is below initial ({})",
+                crate::human::duration(max),
+                crate::human::duration(initial)
+            ),
+        ));
     }
     if !(1.0..=100.0).contains(&multiplier) {
         return Err(f.err(

@@ -171,6 +171,54 @@ struct ListenerEntry {
     closed_refused: u64,
 }
 
+impl ListenerEntry {
+    fn new(app: usize, listener: Listener, configured: bool, udp: bool, passing: bool) -> Self {
+        ListenerEntry {
+            app,
+            listener,
+            configured,
+            keys: BTreeSet::new(),
+            data: Value::Null,
+            udp,
+            passing,
+            queue: VecDeque::new(),
+            acceptor: None,
+            want_accept: false,
+            accept_retry_at: None,
+            accept_errors: 0,
+            closed_refused: 0,
+            passed: 0,
+        }
+    }
+}
+
+/// A listening socket an app's config names, ready for its dispatch mode: non-blocking
+/// when the master accepts on it, or Node workers do (Node 18 hangs on a blocking one;
+/// NODE-IPC.md §5).
+fn configured_listener(
+    app_idx: usize,
+    app: &AppSpec,
+    listener: Listener,
+) -> Result<ListenerEntry, StartError> {
+    let passing = app.dispatch().passes();
+    if passing || app.runtime == Runtime::Node {
+        spawn::set_nonblocking(&listener.fd, true).map_err(|source| StartError::Setup {
+            what: "a listening socket",
+            source,
+        })?;
+    }
+    Ok(ListenerEntry::new(app_idx, listener, true, false, passing))
+}
+
+/// The name a config field has in errors about an app's `listen` address `i`.
+fn listen_field(config_file: bool, app: &AppSpec, i: usize) -> String {
+    match config_file {
+        true if app.listen.len() > 1 => format!("apps.{}.listen[{i}]", app.name),
+        true => format!("apps.{}.listen", app.name),
+        false => "--listen".to_string(),
+    }
+}
+
 struct Queued {
     fd: crate::channel::SharedFd,
     /// Times a worker answered `accepted: false` for it.
@@ -277,6 +325,9 @@ struct Master {
     outbox: Vec<(WorkerId, Outgoing)>,
     /// The listener `dispatch_app` starts from next.
     dispatch_from: usize,
+    /// Apps stopped because they went from the config file (they start again if they
+    /// come back to it).
+    removed: BTreeSet<usize>,
 }
 
 /// Starts the master and runs it until it stops. Returns the process exit code.
@@ -299,43 +350,14 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
     let mut listeners = Vec::new();
     for (app_idx, app) in opts.config.apps.iter().enumerate() {
         for (i, addr) in app.listen.iter().enumerate() {
-            let field = match &opts.config.file {
-                Some(_) if app.listen.len() > 1 => format!("apps.{}.listen[{i}]", app.name),
-                Some(_) => format!("apps.{}.listen", app.name),
-                None => "--listen".to_string(),
-            };
             let listener = match sockets::take_inherited(&mut inherited, addr) {
                 Some(l) => {
                     info!("{}: using {} from systemd (LISTEN_FDS)", app.name, l.local);
                     l
                 }
-                None => sockets::bind(addr, &field)?,
+                None => sockets::bind(addr, &listen_field(opts.config.file.is_some(), app, i))?,
             };
-            let passing = app.dispatch().passes();
-            if passing || app.runtime == Runtime::Node {
-                // The master accepts on it, or Node 18 workers do (they hang on a blocking
-                // listener; NODE-IPC.md §5).
-                spawn::set_nonblocking(&listener.fd, true).map_err(|source| StartError::Setup {
-                    what: "a listening socket",
-                    source,
-                })?;
-            }
-            listeners.push(ListenerEntry {
-                app: app_idx,
-                listener,
-                configured: true,
-                keys: BTreeSet::new(),
-                data: Value::Null,
-                udp: false,
-                passing,
-                queue: VecDeque::new(),
-                acceptor: None,
-                want_accept: false,
-                accept_retry_at: None,
-                accept_errors: 0,
-                closed_refused: 0,
-                passed: 0,
-            });
+            listeners.push(configured_listener(app_idx, app, listener)?);
         }
     }
 
@@ -434,6 +456,7 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             candidates: Vec::new(),
             outbox: Vec::new(),
             dispatch_from: 0,
+            removed: BTreeSet::new(),
         };
         if let Some(listener) = metrics_listener {
             match crate::metrics::install(opts.config.sample_interval) {
@@ -1208,7 +1231,11 @@ impl Master {
 
     /// Stops one app for good: its workers drain, its slots are not refilled.
     fn stop_app(&mut self, app: usize, now: Instant) {
-        info!("{}: stopping (processes stop)", self.pools[app].spec.name);
+        self.stop_app_because(app, now, "processes stop");
+    }
+
+    fn stop_app_because(&mut self, app: usize, now: Instant, why: &str) {
+        info!("{}: stopping ({why})", self.pools[app].spec.name);
         let start = format!(
             "the app was stopped; `processes start {}` runs it with the new settings",
             self.pools[app].spec.name
@@ -1227,6 +1254,119 @@ impl Master {
             .collect();
         for id in ids {
             self.stop_worker(app, id, StopReason::Shutdown, now);
+        }
+    }
+
+    /// Starts an app the config file gained while the master runs: its listeners are
+    /// bound first, so an address in use refuses the app and nothing of it starts.
+    fn add_app(&mut self, spec: AppSpec) -> Result<usize, String> {
+        let app = self.pools.len();
+        let mut entries = Vec::new();
+        for (i, addr) in spec.listen.iter().enumerate() {
+            let listener = sockets::bind(addr, &listen_field(true, &spec, i))
+                .and_then(|l| configured_listener(app, &spec, l))
+                .map_err(|e| error_chain(&e))?;
+            entries.push(listener);
+        }
+        if spec.runtime == Runtime::Node && spec.preload && self.preload.is_none() {
+            match sampling::PreloadFile::write() {
+                Ok(p) => self.preload = Some(p),
+                Err(e) => warn!(
+                    "cannot write the Node preload ({e}); Node workers report no event-loop figures"
+                ),
+            }
+        }
+        for e in &entries {
+            info!("{}: listening on {}", spec.name, e.listener.local);
+        }
+        self.autos.push(sampling::Auto::new(&spec));
+        self.pools.push(Pool::new(spec));
+        let first = self.listeners.len();
+        self.listeners.extend(entries);
+        for l in first..self.listeners.len() {
+            self.start_accepting(l);
+        }
+        self.dirty = true;
+        Ok(app)
+    }
+
+    /// Brings the running apps in line with the config file, as `supervisorctl update`
+    /// does: an app new in it starts; an app gone from it stops (it stays listed as
+    /// stopped, and its listeners stay bound, until the master restarts); an app that
+    /// comes back starts again with the file's settings. Returns what it did, as told to
+    /// the log.
+    fn sync_apps(&mut self, fresh: &Config, now: Instant) -> Vec<String> {
+        let mut said = Vec::new();
+        for app in 0..self.pools.len() {
+            let name = self.pools[app].spec.name.clone();
+            if self.removed.contains(&app) || fresh.apps.iter().any(|a| a.name == name) {
+                continue;
+            }
+            self.cancel_reload(app, "the app is gone from the config file");
+            self.stop_app_because(app, now, "gone from the config file");
+            self.removed.insert(app);
+            said.push(format!(
+                "{name}: gone from the config file; stopped (its listeners stay bound until \
+                 the master restarts)"
+            ));
+        }
+        for spec in &fresh.apps {
+            let line = match self.find_app(spec.name.as_str()) {
+                None => match self.add_app(spec.clone()) {
+                    Ok(app) => format!(
+                        "{}: new in the config file; starting {} worker{}",
+                        spec.name,
+                        self.pools[app].target,
+                        if self.pools[app].target == 1 { "" } else { "s" }
+                    ),
+                    Err(e) => {
+                        let line =
+                            format!("{}: new in the config file but not started: {e}", spec.name);
+                        error!("{line}");
+                        said.push(line);
+                        continue;
+                    }
+                },
+                Some(app) if self.removed.contains(&app) => {
+                    if spec.listen != self.pools[app].spec.listen {
+                        let line = format!(
+                            "{}: back in the config file with other listen addresses; \
+                             listeners stay bound for the master's life, so it needs a \
+                             restart of the master",
+                            spec.name
+                        );
+                        error!("{line}");
+                        said.push(line);
+                        continue;
+                    }
+                    self.removed.remove(&app);
+                    let pool = &mut self.pools[app];
+                    if pool.spec != *spec {
+                        pool.spec = spec.clone();
+                        pool.generation += 1;
+                    }
+                    self.apply_sizing(app, "");
+                    self.pools[app].start_now();
+                    self.dirty = true;
+                    format!("{}: back in the config file; starting it", spec.name)
+                }
+                Some(_) => continue,
+            };
+            info!("{line}");
+            said.push(line);
+        }
+        said
+    }
+
+    /// `sync_apps` with the config file as it is now, if there is one and it reads.
+    /// (A file that does not read is reported by the reload that follows.)
+    pub(super) fn sync_apps_with_file(&mut self, now: Instant) -> Vec<String> {
+        let Some(path) = &self.config_file else {
+            return Vec::new();
+        };
+        match crate::config::load_file(path) {
+            Ok(fresh) => self.sync_apps(&fresh, now),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -1341,7 +1481,10 @@ impl Master {
 
     fn on_sighup(&mut self) {
         info!("SIGHUP: rolling reload of every app");
-        let all: Vec<usize> = (0..self.pools.len()).collect();
+        self.sync_apps_with_file(Instant::now());
+        let all: Vec<usize> = (0..self.pools.len())
+            .filter(|&i| !self.pools[i].stopping)
+            .collect();
         if let Err(e) = self.reload_apps(&all, 1) {
             error!("reload: {e}; keeping the running configuration");
         }
@@ -1376,16 +1519,30 @@ impl Master {
                 return;
             }
         };
-        for a in &fresh.apps {
-            if edited && !self.pools.iter().any(|p| p.spec.name == a.name) {
-                warn!(
-                    "{}: apps.{} is new; adding an app needs a restart of the master, so it is not started",
-                    path.display(),
-                    a.name
+        if edited {
+            self.sync_apps(&fresh, Instant::now());
+        }
+        // A stopped app takes its new settings as they are: `processes start` runs them.
+        for i in 0..self.pools.len() {
+            let pool = &mut self.pools[i];
+            if !pool.stopping || self.shutdown.is_some() {
+                continue;
+            }
+            if let Some(a) = fresh.apps.iter().find(|a| a.name == pool.spec.name)
+                && *a != pool.spec
+                && a.listen == pool.spec.listen
+            {
+                pool.spec = a.clone();
+                pool.generation += 1;
+                info!(
+                    "{}: settings changed while it is stopped; `processes start {}` runs them",
+                    a.name, a.name
                 );
+                self.apply_sizing(i, "");
             }
         }
         let (changed, reloading): (Vec<usize>, Vec<usize>) = (0..self.pools.len())
+            .filter(|&i| !self.pools[i].stopping)
             .filter(|&i| {
                 let current = &self.pools[i].spec;
                 fresh
@@ -1431,7 +1588,7 @@ impl Master {
                 Some(c) => match c.apps.iter().find(|a| a.name == current.name) {
                     None => {
                         return Err(format!(
-                            "apps.{} is gone from the config file; removing an app needs a restart of the master",
+                            "apps.{} is gone from the config file; `processes reload` of every app (or SIGHUP) stops it",
                             current.name
                         ));
                     }

@@ -1,7 +1,6 @@
 //! The channel protocol as the master speaks it: Node's cluster acts, handle passing with
 //! Node's one-in-flight rule, and handing accepted connections to workers.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::channel::SharedFd;
@@ -484,32 +483,18 @@ impl Master {
         let (fd, local, udp) = bind_for_node(q)
             .map_err(|e| (e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))?;
         let passing = self.pools[app].spec.dispatch().passes();
-        let mut keys = BTreeSet::new();
-        keys.insert(key.to_string());
         info!(
             "{}: listening on {local} (asked by a worker)",
             self.pools[app].spec.name
         );
-        self.listeners.push(ListenerEntry {
-            app,
-            listener: Listener {
-                requested: local.clone(),
-                local,
-                fd,
-            },
-            configured: false,
-            keys,
-            data: Value::Null,
-            udp,
-            passing: passing && !udp,
-            queue: VecDeque::new(),
-            acceptor: None,
-            want_accept: false,
-            accept_retry_at: None,
-            accept_errors: 0,
-            closed_refused: 0,
-            passed: 0,
-        });
+        let listener = Listener {
+            requested: local.clone(),
+            local,
+            fd,
+        };
+        let mut entry = ListenerEntry::new(app, listener, false, udp, passing && !udp);
+        entry.keys.insert(key.to_string());
+        self.listeners.push(entry);
         Ok(self.listeners.len() - 1)
     }
 

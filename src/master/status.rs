@@ -29,7 +29,13 @@ impl Master {
                         Some(i) => vec![i],
                         None => return responder.reply(Reply::error(format!("no app named {a}"))),
                     },
-                    None => (0..self.pools.len()).collect(),
+                    None => {
+                        // The whole config: apps new in the file start, apps gone stop.
+                        for line in self.sync_apps_with_file(now) {
+                            responder.progress(line);
+                        }
+                        (0..self.pools.len()).collect()
+                    }
                 };
                 // A stopped app is not reloaded: `processes start` runs it again.
                 if let [i] = targets[..]

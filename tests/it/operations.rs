@@ -627,7 +627,7 @@ fn a_config_file_change_reloads_what_changed() {
 }
 
 /// A changed `instances` in the config file resizes the app with the reload, and an app
-/// added to the file is reported (it needs a restart of the master), not silently ignored.
+/// added to the file starts.
 #[test]
 fn a_config_file_change_of_instances_resizes_the_app() {
     let config = |n: usize, extra: &str| {
@@ -646,14 +646,74 @@ fn a_config_file_change_of_instances_resizes_the_app() {
     let added = format!("[apps.extra]\ncommand = [\"{FIXTURE}\"]");
     std::fs::write(m.path().join("processes.toml"), config(3, &added)).unwrap();
     m.wait_log("sized: 2 → 3 workers (config reload)");
-    m.wait_log("apps.extra is new; adding an app needs a restart of the master");
+    m.wait_log("extra: new in the config file; starting 1 worker");
     // Changed again while that reload still runs: applied once it is done, not lost.
     std::fs::write(m.path().join("processes.toml"), config(1, &added)).unwrap();
     m.wait_log("sized: 3 → 1 workers (config reload)");
-    m.wait_ready(1);
-    // Said once per edit, not again at each tick that looked at the file while waiting.
-    let new_app = "apps.extra is new";
-    assert_eq!(m.out.matching(new_app).len(), 2, "{}", m.out.text());
+    let s = m.wait_status("sized at 1, extra running", |s| {
+        s["apps"][0]["ready"] == 1 && s["apps"][1]["ready"] == 1
+    });
+    assert_eq!(s["apps"][1]["name"], "extra", "{s}");
+    // Started once: the second edit, which kept it, did not start it again.
+    assert_eq!(m.out.matching("extra: new in").len(), 1, "{}", m.out.text());
+    let starts = m.out.matching("[extra:0] pid");
+    let starts = starts.iter().filter(|(_, l)| l.ends_with(" started"));
+    assert_eq!(starts.count(), 1, "{}", m.out.text());
+}
+
+/// Apps come and go with the config file, as with `supervisorctl update`: one removed
+/// from it stops (and SIGHUP and `processes reload` go on working for the others), one
+/// added starts, and the removed one starts again when it comes back.
+#[test]
+fn apps_added_to_or_removed_from_the_config_file_start_and_stop() {
+    let config = |apps: &[&str]| {
+        apps.iter()
+            .map(|a| format!("[apps.{a}]\ncommand = [\"{FIXTURE}\"]\nready_after = \"50ms\"\n"))
+            .collect::<String>()
+    };
+    let file = |m: &Master, apps: &[&str]| {
+        std::fs::write(m.path().join("processes.toml"), config(apps)).unwrap()
+    };
+    let m = run_config(&config(&["a", "b"]), &[]);
+    m.wait_status("a and b ready", |s| {
+        s["apps"][0]["ready"] == 1 && s["apps"][1]["ready"] == 1
+    });
+    // Gone from the file: `processes reload` of everything stops b and reloads a.
+    file(&m, &["a"]);
+    let (code, stdout, stderr) = cli(&m, &["reload"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("b: gone from the config file; stopped"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("reload done: 1 worker replaced"),
+        "{stdout}"
+    );
+    let s = m.wait_status("b stopped", |s| {
+        s["apps"][1]["stopped"] == true && s["apps"][1]["workers"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(s["apps"][0]["ready"], 1, "{s}");
+    // SIGHUP works too.
+    kill(m.pid(), libc::SIGHUP);
+    m.wait_log("a: reload done, 1/1");
+    // New in the file: c starts; back in the file: b starts again.
+    file(&m, &["a", "b", "c"]);
+    let (code, stdout, stderr) = cli(&m, &["reload"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("c: new in the config file; starting 1 worker"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("b: back in the config file; starting it"),
+        "{stdout}"
+    );
+    let s = m.wait_status("a, b and c ready", |s| {
+        (0..3).all(|i| s["apps"][i]["ready"] == 1)
+    });
+    assert_eq!(s["apps"][2]["name"], "c", "{s}");
+    assert_eq!(s["apps"][1]["stopped"], false, "{s}");
 }
 
 /// `-i max`, as in PM2: one worker per CPU the master may use.
