@@ -2,7 +2,8 @@
 //! newline-framed JSON (Node's `json` IPC serialization), with file descriptors attached
 //! by `SCM_RIGHTS`.
 //!
-//! One task per worker reads the master's end with `recvmsg` (room for a few fds). A line
+//! One task per worker reads the master's end with `recvmsg` (room for as many fds as one
+//! message can carry, so the kernel never has to drop some). A line
 //! goes out with a `sendmsg` from the sender itself when nothing is queued ahead of it;
 //! what the socket does not take is queued for the task, which writes it as the socket
 //! drains. Either way the fd rides on the first `sendmsg` of its line, as libuv sends it.
@@ -10,18 +11,18 @@
 //! goes to the first `NODE_HANDLE` message that finishes parsing after it arrived.
 //!
 //! The invariant: a worker can only hurt its own channel. A line over [`MAX_LINE`],
-//! invalid JSON, fds piling up with no message to claim them, or more than
+//! invalid JSON, fds piling up with no message to claim them, fds the kernel could not
+//! all hand over (`MSG_CTRUNC`), or more than
 //! [`MAX_QUEUED_OUT`] of our lines waiting because it does not read, close the channel
 //! and are reported once as a [`Violation`]; the master carries on.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
-    sendmsg, socketpair,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
 };
 use serde_json::Value;
 use tokio::io::Interest;
@@ -61,6 +62,8 @@ pub enum Violation {
     InvalidJson(#[source] serde_json::Error),
     #[error("sent file descriptors without a NODE_HANDLE message to carry them")]
     UnexpectedFds,
+    #[error("sent file descriptors that the master could not all take (MSG_CTRUNC)")]
+    TruncatedFds,
     #[error("does not read its channel ({MAX_QUEUED_OUT} lines waiting for it)")]
     NotReading,
     #[error("channel read failed")]
@@ -74,6 +77,7 @@ impl Violation {
             Violation::LineTooLong => "line_too_long",
             Violation::InvalidJson(_) => "invalid_json",
             Violation::UnexpectedFds => "unexpected_fds",
+            Violation::TruncatedFds => "truncated_fds",
             Violation::NotReading => "not_reading",
             Violation::Io(_) => "io_error",
         }
@@ -344,6 +348,12 @@ async fn run<E>(
                 match read_some(fd.get_ref().as_raw_fd(), &mut buf) {
                     Ok(Read::WouldBlock) => guard.clear_ready(),
                     Ok(Read::Eof) => return None,
+                    Ok(Read::Truncated(fds)) => {
+                        // The kernel dropped the fds it had no room for; the ones that came
+                        // are closed (off the loop) with the channel.
+                        fds.into_iter().for_each(crate::unix::close_later);
+                        return Some(Violation::TruncatedFds);
+                    }
                     Ok(Read::Data(n, fds)) => {
                         // A short read without fds took everything there was; whatever
                         // comes later raises a new readiness edge. Saves one recvmsg that
@@ -386,40 +396,136 @@ async fn run<E>(
 pub enum Read {
     /// This many bytes into the buffer, and the fds that came with them.
     Data(usize, Vec<OwnedFd>),
+    /// The fds sent did not all reach us (`MSG_CTRUNC`: no room for their control
+    /// message, or no free fd number): the kernel dropped the rest. These are the ones that
+    /// came; which message each belonged to is lost, so the channel is out of step.
+    Truncated(Vec<OwnedFd>),
     Eof,
     WouldBlock,
 }
 
-/// One `recvmsg` on a channel, with room for a few fds (close-on-exec), retried on
-/// `EINTR`. Both ends use it: the master's channel task and [`crate::worker::Channel`].
-pub fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-    let (n, fds) = loop {
-        match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(msg) => {
-                let mut fds = Vec::new();
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(raw) = c {
-                            for r in raw {
-                                // SAFETY: the kernel just installed this fd for us.
-                                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-                            }
-                        }
-                    }
-                }
-                break (msg.bytes, fds);
+/// The most fds one message can carry: the kernel's `SCM_MAX_FD`.
+pub const SCM_MAX_FD: usize = 253;
+
+const WORD: usize = std::mem::size_of::<usize>();
+
+/// `CMSG_ALIGN`.
+const fn cmsg_align(n: usize) -> usize {
+    (n + WORD - 1) & !(WORD - 1)
+}
+
+/// The kernel's `struct cmsghdr`: `size_t cmsg_len; int cmsg_level; int cmsg_type;`.
+const CMSG_HDR: usize = cmsg_align(WORD + 8);
+
+/// `CMSG_SPACE`: a control message with `data` bytes, padded for the next.
+const fn cmsg_space(data: usize) -> usize {
+    CMSG_HDR + cmsg_align(data)
+}
+
+/// Room for one control message of [`SCM_MAX_FD`] fds, the most one message can bring.
+const CONTROL_LEN: usize = cmsg_space(SCM_MAX_FD * 4);
+
+/// A control buffer aligned as `struct cmsghdr` must be.
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
+/// What one `recvmsg` brought.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes into the buffer.
+    pub bytes: usize,
+    /// Every fd the kernel installed for us, owned here, so each is closed exactly once
+    /// whatever the caller makes of the rest.
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_CTRUNC`: control data was dropped (fds among it are closed by the kernel).
+    pub ctrunc: bool,
+}
+
+/// One `recvmsg` into `buf`, with `control` for the control messages, the fds
+/// close-on-exec; retried on `EINTR`. `EAGAIN` is an error of kind `WouldBlock`.
+fn recv_into(fd: RawFd, buf: &mut [u8], control: &mut [u8]) -> io::Result<Received> {
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid empty one; its pointers are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        // SAFETY: recvmsg writes at most iov_len bytes into `buf` and msg_controllen bytes
+        // into `control`, both live and that large for the call; it returns how much.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(Read::WouldBlock),
-            Err(e) => return Err(e.into()),
+            return Err(e);
         }
+        let mut got = Received {
+            bytes: n as usize,
+            fds: Vec::new(),
+            ctrunc: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        };
+        // The kernel set msg_controllen to what it wrote.
+        let written = (msg.msg_controllen as usize).min(control.len());
+        for_each_cmsg(&control[..written], |level, kind, data| {
+            if (level, kind) == (libc::SOL_SOCKET, libc::SCM_RIGHTS) {
+                for raw in data.chunks_exact(4) {
+                    let raw = i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                    // SAFETY: the kernel just installed this fd for us, and nothing else
+                    // knows its number: it is owned here, once.
+                    got.fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        });
+        return Ok(got);
+    }
+}
+
+/// Calls `each(level, type, data)` for every control message the kernel wrote.
+fn for_each_cmsg(mut control: &[u8], mut each: impl FnMut(i32, i32, &[u8])) {
+    let int = |b: &[u8]| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    while control.len() >= CMSG_HDR {
+        let mut len = [0u8; WORD];
+        len.copy_from_slice(&control[..WORD]);
+        let len = usize::from_ne_bytes(len);
+        if len < CMSG_HDR || len > control.len() {
+            break;
+        }
+        each(
+            int(&control[WORD..]),
+            int(&control[WORD + 4..]),
+            &control[CMSG_HDR..len],
+        );
+        control = &control[cmsg_align(len).min(control.len())..];
+    }
+}
+
+/// One `recvmsg` on a channel, with room for as many fds as a message can carry
+/// (close-on-exec), retried on `EINTR`. Every end uses it: the master's channel task,
+/// [`crate::worker::Channel`] and the test fixture.
+pub fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
+    let mut control = Control([0; CONTROL_LEN]);
+    read_with_room(fd, buf, &mut control.0)
+}
+
+fn read_with_room(fd: RawFd, buf: &mut [u8], control: &mut [u8]) -> io::Result<Read> {
+    let got = match recv_into(fd, buf, control) {
+        Ok(got) => got,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::WouldBlock),
+        Err(e) => return Err(e),
     };
-    if n == 0 && fds.is_empty() {
+    if got.ctrunc {
+        return Ok(Read::Truncated(got.fds));
+    }
+    if got.bytes == 0 && got.fds.is_empty() {
         return Ok(Read::Eof);
     }
-    Ok(Read::Data(n, fds))
+    Ok(Read::Data(got.bytes, got.fds))
 }
 
 /// Writes as much of the queue as the socket takes, and tells the senders each line that
@@ -581,6 +687,7 @@ mod tests {
                         got.extend(decoder.push_bytes(&buf[..n]).unwrap());
                     }
                     Read::Eof => panic!("EOF after {} lines", got.len()),
+                    Read::Truncated(_) => panic!("truncated"),
                     Read::WouldBlock => unreachable!("the worker's end blocks"),
                 }
             }
@@ -596,6 +703,101 @@ mod tests {
             inodes,
             [(json!(0), Some(big_ino)), (json!(1), Some(small_ino))]
         );
+    }
+
+    /// Sends `n` copies of `file` in one message of one byte.
+    fn send_copies(sock: &OwnedFd, file: &std::fs::File, n: usize) {
+        let fds = vec![file.as_raw_fd(); n];
+        sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(b" ")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
+    /// How many of this process's fds are open on `path` (a file only this test opens).
+    fn open_on(path: &std::path::Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+            .count()
+    }
+
+    /// The kernel's most fds in one message all arrive, and all close with what holds them.
+    #[test]
+    fn as_many_fds_as_a_message_can_carry_arrive_and_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let (a, b) = pair().unwrap();
+        for n in [16, SCM_MAX_FD] {
+            send_copies(&b, &file, n);
+            let mut buf = [0u8; 16];
+            match read_some(a.as_raw_fd(), &mut buf).unwrap() {
+                Read::Data(1, fds) => {
+                    assert_eq!(fds.len(), n);
+                    assert_eq!(open_on(&path), 1 + n);
+                }
+                other => panic!("{n} fds: {other:?}"),
+            }
+            assert_eq!(open_on(&path), 1);
+        }
+    }
+
+    /// With room for fewer fds than came, the kernel drops the rest (`MSG_CTRUNC`): that is
+    /// reported, and those that did come are still owned, and closed.
+    #[test]
+    fn fds_that_do_not_fit_are_reported_and_those_that_came_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let (a, b) = pair().unwrap();
+        send_copies(&b, &file, 16);
+        let mut control = Control([0; CONTROL_LEN]);
+        let room = cmsg_space(8 * 4);
+        let mut buf = [0u8; 16];
+        match read_with_room(a.as_raw_fd(), &mut buf, &mut control.0[..room]).unwrap() {
+            Read::Truncated(fds) => {
+                assert_eq!(fds.len(), 8);
+                assert_eq!(open_on(&path), 1 + 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(open_on(&path), 1);
+        // The channel reads on (the master cuts it off; the fds are not left in between).
+        send_copies(&b, &file, 1);
+        match read_some(a.as_raw_fd(), &mut buf).unwrap() {
+            Read::Data(1, fds) => assert_eq!(fds.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(open_on(&path), 1);
+    }
+
+    /// More fds in one message than may wait for their `NODE_HANDLE` cut the channel off,
+    /// and the master keeps none of them.
+    #[tokio::test]
+    async fn sixteen_fds_in_one_message_cut_the_channel_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let (master, worker) = pair().unwrap();
+        let (events_tx, mut events) = mpsc::channel(16);
+        let _sender = start(master, events_tx, |i| i).unwrap();
+        send_copies(&worker, &file, 16);
+        match events.recv().await.unwrap() {
+            Incoming::Closed(Some(Violation::UnexpectedFds)) => {}
+            other => panic!("{other:?}"),
+        }
+        // Closed off the loop, on the closer's thread.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while open_on(&path) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(open_on(&path), 1);
     }
 
     #[tokio::test]

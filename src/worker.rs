@@ -158,6 +158,13 @@ impl Channel {
             let (n, fds) = match read_some(self.fd.as_raw_fd(), &mut buf)? {
                 Read::Data(n, fds) => (n, fds),
                 Read::Eof => return Ok(None),
+                // Fds the kernel could not all hand over: the channel is out of step. Those
+                // that came are closed here, with the value.
+                Read::Truncated(_) => {
+                    return Err(io::Error::other(
+                        "file descriptors from the master were dropped (MSG_CTRUNC)",
+                    ));
+                }
                 // A read timeout ran out.
                 Read::WouldBlock => return Err(io::Error::from_raw_os_error(libc::EAGAIN)),
             };

@@ -1145,6 +1145,51 @@ fn a_worker_sending_fds_without_messages_is_cut_off_and_the_fds_closed() {
     );
 }
 
+/// 16 fds in one message, 300 times. The master read with room for 8: the kernel
+/// truncated the rest (`MSG_CTRUNC`), and the 8 that did arrive were never taken, so each
+/// message leaked them. Now there is room for the kernel's most (253): more fds than a
+/// message may carry is cut off like any other fds without a message, and every fd
+/// received is closed.
+#[test]
+fn a_worker_sending_16_fds_in_one_message_is_cut_off_and_the_fds_closed() {
+    let mut h = Hostile::start(&["send-many-fds=16x300", "go-when={dir}/go", "park"], "");
+    let pid = h.m.pid();
+    std::fs::write(h.m.path().join("go"), "").unwrap();
+    let cut_off =
+        h.m.out
+            .wait_for(
+                "sent file descriptors without a NODE_HANDLE message",
+                1,
+                Duration::from_secs(10),
+            )
+            .is_some();
+    let mut held = dev_null_fds(pid, &h.null_before);
+    if !cut_off
+        || !poll(Duration::from_secs(5), || {
+            held = dev_null_fds(pid, &h.null_before);
+            held.is_empty()
+        })
+    {
+        h.m.fail(&format!(
+            "cut off: {cut_off}; the master holds {} fds it was sent",
+            held.len()
+        ));
+    }
+    let sent = h.m.wait_log("fixture: sent ");
+    assert!(poll(Duration::from_secs(10), || h
+        .violations("unexpected_fds")
+        == 1.0));
+    let (ok, _) = h.good_carried_on("16 fds in one message");
+    report(
+        "hostile: 16 fds in each of 300 messages",
+        format!(
+            "cut off at the first message read (the worker had {}), 1 violation counted, the \
+             master holds none of the fds, good answered {ok}, 0 failed",
+            sent.rsplit("fixture: ").next().unwrap()
+        ),
+    );
+}
+
 /// A worker sends a socket set to linger 30 s on close with data it cannot send, and then
 /// closes its own copy: the master's close is the last one. Done on the loop it would stop
 /// the master for 30 s; the master answers status at once and the others carry on.
