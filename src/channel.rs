@@ -12,7 +12,8 @@
 //!
 //! The invariant: a worker can only hurt its own channel. A line over [`MAX_LINE`],
 //! invalid JSON, fds piling up with no message to claim them, fds the kernel could not
-//! all hand over (`MSG_CTRUNC`), or more than
+//! all hand over (`MSG_CTRUNC`), fds sent while the master cannot close those it has
+//! ([`crate::unix::closes_jammed`]), or more than
 //! [`MAX_QUEUED_OUT`] of our lines waiting because it does not read, close the channel
 //! and are reported once as a [`Violation`]; the master carries on.
 
@@ -64,6 +65,12 @@ pub enum Violation {
     UnexpectedFds,
     #[error("sent file descriptors that the master could not all take (MSG_CTRUNC)")]
     TruncatedFds,
+    #[error(
+        "sent file descriptors while the master cannot close those it has (a close has \
+         blocked for over a second and more than {} wait behind it)",
+        crate::unix::MAX_CLOSES_WAITING
+    )]
+    ClosesBlocked,
     #[error("does not read its channel ({MAX_QUEUED_OUT} lines waiting for it)")]
     NotReading,
     #[error("channel read failed")]
@@ -78,6 +85,7 @@ impl Violation {
             Violation::InvalidJson(_) => "invalid_json",
             Violation::UnexpectedFds => "unexpected_fds",
             Violation::TruncatedFds => "truncated_fds",
+            Violation::ClosesBlocked => "closes_blocked",
             Violation::NotReading => "not_reading",
             Violation::Io(_) => "io_error",
         }
@@ -362,6 +370,12 @@ async fn run<E>(
                         // socket is read again.
                         if n < buf.len() && fds.is_empty() {
                             guard.clear_ready();
+                        }
+                        // Fds are closed on a thread of their own; while a close there
+                        // blocks, more from this worker would only pile up in the master.
+                        if !fds.is_empty() && crate::unix::closes_jammed() {
+                            fds.into_iter().for_each(crate::unix::close_later);
+                            return Some(Violation::ClosesBlocked);
                         }
                         if let Err(v) = decoder.push_fds(fds) {
                             return Some(v);
@@ -798,6 +812,34 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(open_on(&path), 1);
+    }
+
+    /// While a close on the closer thread blocks with more than `MAX_CLOSES_WAITING` fds
+    /// behind it, a worker that sends another fd is cut off instead of adding to them.
+    /// (This jams the closer of the test's process for 2 s: nextest runs each test in a
+    /// process of its own.)
+    #[tokio::test]
+    async fn an_fd_sent_while_closes_are_blocked_cuts_the_channel_off() {
+        let (lingering, _peer) = crate::unix::tests::lingering_socket(2);
+        crate::unix::close_later_as_is(lingering);
+        for _ in 0..crate::unix::MAX_CLOSES_WAITING {
+            crate::unix::close_later(std::fs::File::open("/dev/null").unwrap().into());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !crate::unix::closes_jammed() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(crate::unix::closes_jammed());
+        let (master, worker) = pair().unwrap();
+        let (events_tx, mut events) = mpsc::channel(16);
+        let _sender = start(master, events_tx, |i| i).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        send_copies(&worker, &null, 1);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await;
+        match got.expect("the channel was not cut off").unwrap() {
+            Incoming::Closed(Some(Violation::ClosesBlocked)) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -104,28 +104,112 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Closes an fd a worker sent us on a thread of its own, never on the loop: the last
-/// close of a socket with `SO_LINGER` set and unsent data blocks for the linger time, and
-/// a worker chooses both. Such fds are rare (Node workers send none in normal use), so
-/// one thread woken per fd costs nothing that matters.
+/// While a close on the closer thread has blocked this long…
+pub const CLOSE_STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// …and this many fds wait behind it, a worker that sends more is cut off (see
+/// [`closes_jammed`]): the master's fd count stays bounded.
+pub const MAX_CLOSES_WAITING: usize = 64;
+
+/// Closes an fd a worker sent us, never on the loop, and without waiting for a lingering
+/// socket: `SO_LINGER` is cleared first (a worker chooses both the linger time and the
+/// unsent data), so a socket's close returns at once. The close itself happens on a thread
+/// of its own all the same: a close can still block where the worker chose the file (a
+/// FUSE or NFS file flushes on close, a tty drains), or where it set `SO_LINGER` again on
+/// its own copy between our clear and our close. That thread closes fds one after another;
+/// should one close block, [`closes_jammed`] tells the channels to cut off a worker that
+/// sends more, so the fds waiting behind it cannot grow without bound.
 pub fn close_later(fd: std::os::fd::OwnedFd) {
-    use std::sync::{OnceLock, mpsc};
-    static CLOSER: OnceLock<Option<mpsc::Sender<std::os::fd::OwnedFd>>> = OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<std::os::fd::OwnedFd>();
+    close_via(closer(), fd);
+}
+
+fn close_via(closer: Option<&Closer>, fd: std::os::fd::OwnedFd) {
+    disarm_linger(&fd);
+    match closer {
+        Some(closer) => closer.queue(fd),
+        // No thread to take it: closed here, which does not wait for a socket any more.
+        None => drop(fd),
+    }
+}
+
+/// Whether a close on the closer thread has blocked for [`CLOSE_STUCK_AFTER`] with
+/// [`MAX_CLOSES_WAITING`] more fds behind it. Workers send no fds in normal use (Node
+/// workers none at all), so one that sends more then is cut off rather than let the
+/// master's fds pile up.
+pub fn closes_jammed() -> bool {
+    closer().is_some_and(Closer::jammed)
+}
+
+fn closer() -> Option<&'static Closer> {
+    static CLOSER: std::sync::OnceLock<Option<Closer>> = std::sync::OnceLock::new();
+    CLOSER.get_or_init(Closer::start).as_ref()
+}
+
+/// A thread that closes the fds it is given, in order, and says how it is doing.
+struct Closer {
+    tx: std::sync::mpsc::Sender<std::os::fd::OwnedFd>,
+    state: std::sync::Arc<CloserState>,
+}
+
+#[derive(Default)]
+struct CloserState {
+    /// Fds given and not closed yet, the one being closed included.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// When the close under way began, in ms since `epoch` plus 1; 0 while idle.
+    busy_since: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl CloserState {
+    fn now_ms(&self) -> u64 {
+        let epoch = self.epoch.get_or_init(std::time::Instant::now);
+        epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Closer {
+    fn start() -> Option<Closer> {
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::channel::<std::os::fd::OwnedFd>();
+        let state = std::sync::Arc::new(CloserState::default());
+        state.now_ms();
+        let thread_state = state.clone();
         std::thread::Builder::new()
             .name("processes-closer".into())
-            .spawn(move || rx.into_iter().for_each(drop))
-            .ok()
-            .map(|_| tx)
-    });
-    let unsent = match closer {
-        Some(tx) => tx.send(fd).err().map(|mpsc::SendError(fd)| fd),
-        None => Some(fd),
-    };
-    // No thread to take it: make the close not wait, then close here.
-    if let Some(fd) = unsent {
-        disarm_linger(&fd);
+            .spawn(move || {
+                for fd in rx {
+                    let st = &thread_state;
+                    st.busy_since.store(st.now_ms(), Ordering::SeqCst);
+                    drop(fd);
+                    st.busy_since.store(0, Ordering::SeqCst);
+                    st.waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+            .ok()?;
+        Some(Closer { tx, state })
+    }
+
+    fn queue(&self, fd: std::os::fd::OwnedFd) {
+        use std::sync::atomic::Ordering;
+        self.state.waiting.fetch_add(1, Ordering::SeqCst);
+        if let Err(std::sync::mpsc::SendError(fd)) = self.tx.send(fd) {
+            // The thread is gone (it cannot panic, but should it end): close here.
+            self.state.waiting.fetch_sub(1, Ordering::SeqCst);
+            drop(fd);
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.state.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn jammed(&self) -> bool {
+        let since = self
+            .state
+            .busy_since
+            .load(std::sync::atomic::Ordering::SeqCst);
+        since != 0
+            && self.state.now_ms().saturating_sub(since) >= CLOSE_STUCK_AFTER.as_millis() as u64
+            && self.waiting() > MAX_CLOSES_WAITING
     }
 }
 
@@ -148,4 +232,82 @@ pub fn batch_scheduling() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// For tests elsewhere: hands `fd` to this process's closer as it is (a lingering socket
+/// stays lingering), so that its close can block there.
+#[cfg(test)]
+pub(crate) fn close_later_as_is(fd: std::os::fd::OwnedFd) {
+    closer().unwrap().queue(fd);
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A TCP socket whose last close waits up to `secs` (a full send buffer, a peer that
+    /// never reads), with the listener that keeps it so.
+    pub(crate) fn lingering_socket(secs: u64) -> (std::os::fd::OwnedFd, std::net::TcpListener) {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        conn.set_nonblocking(true).unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        while conn.write(&chunk).is_ok() {}
+        socket2::SockRef::from(&conn)
+            .set_linger(Some(Duration::from_secs(secs)))
+            .unwrap();
+        (conn.into(), listener)
+    }
+
+    fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f()
+    }
+
+    /// A lingering socket given to the closer as `close_later` gives it closes at once, and
+    /// the fds after it do not wait.
+    #[test]
+    fn a_lingering_socket_closes_at_once() {
+        let closer = Closer::start().unwrap();
+        let (conn, _listener) = lingering_socket(30);
+        let t = Instant::now();
+        close_via(Some(&closer), conn);
+        for _ in 0..10 {
+            close_via(
+                Some(&closer),
+                std::fs::File::open("/dev/null").unwrap().into(),
+            );
+        }
+        assert!(wait(Duration::from_secs(5), || closer.waiting() == 0));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(!closer.jammed());
+    }
+
+    /// A close that blocks (here a lingering socket given as it is) is seen once it has
+    /// blocked for a second with more than `MAX_CLOSES_WAITING` behind it, and the fds
+    /// behind it are closed once it returns.
+    #[test]
+    fn a_close_that_blocks_is_seen_as_jammed_until_it_returns() {
+        let closer = Closer::start().unwrap();
+        let (conn, _listener) = lingering_socket(2);
+        let t = Instant::now();
+        closer.queue(conn);
+        for _ in 0..MAX_CLOSES_WAITING {
+            closer.queue(std::fs::File::open("/dev/null").unwrap().into());
+        }
+        assert!(!closer.jammed(), "jammed at once");
+        assert!(wait(Duration::from_secs(2), || closer.jammed()));
+        assert!(t.elapsed() >= CLOSE_STUCK_AFTER, "{:?}", t.elapsed());
+        assert_eq!(closer.waiting(), MAX_CLOSES_WAITING + 1);
+        assert!(wait(Duration::from_secs(10), || closer.waiting() == 0));
+        assert!(!closer.jammed());
+    }
 }

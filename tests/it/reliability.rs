@@ -1211,6 +1211,61 @@ fn a_lingering_socket_from_a_worker_does_not_block_the_master() {
     );
 }
 
+/// A worker sends a socket set to linger an hour with data it cannot send, then 2000
+/// `/dev/null` fds, each with its `NODE_HANDLE`. The master closed a worker's fds on one
+/// thread, in order: the lingering close held that thread for the hour, and every fd sent
+/// after it waited behind it, open in the master, until the master ran out of fds. The
+/// master now clears `SO_LINGER` first, so the socket's close does not wait and the fds
+/// after it close at once; its fd count comes back to where it was.
+#[test]
+fn a_lingering_socket_does_not_hold_up_the_closing_of_the_fds_after_it() {
+    let mut h = Hostile::start(&["linger-then-fds=2000", "go-when={dir}/go", "park"], "");
+    let pid = h.m.pid();
+    let base = fd_count(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(fd_count(pid));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            most
+        })
+    };
+    std::fs::write(h.m.path().join("go"), "").unwrap();
+    let sent = h.m.wait_log("fixture: sent a lingering socket and ");
+    let mut held = Vec::new();
+    let closed = poll(Duration::from_secs(10), || {
+        held = dev_null_fds(pid, &h.null_before);
+        held.is_empty()
+    });
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    if !closed {
+        h.m.fail(&format!(
+            "{}: the master still holds {} of them (at most {most} fds, {base} before)",
+            sent.rsplit("fixture: ").next().unwrap(),
+            held.len()
+        ));
+    }
+    let (ok, _) = h.good_carried_on("a lingering socket, then fds");
+    let after = fd_count(pid);
+    report(
+        "hostile: a lingering socket, then 2000 /dev/null fds",
+        format!(
+            "the master holds none of them; its fds {base} before, at most {most} while they \
+             came, {after} after; good answered {ok}, 0 failed"
+        ),
+    );
+    assert!(
+        after <= base + 4,
+        "the master has {after} fds, {base} before: {:?}",
+        fd_list(pid)
+    );
+}
+
 /// A worker that sends 20 000 `NODE_HANDLE`s without an fd and never reads its channel:
 /// the master's answers (a NACK each) pile up for it. Past 4096 waiting, the channel is cut
 /// off as a violation instead of the master holding them all; the others carry on.
