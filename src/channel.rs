@@ -436,8 +436,11 @@ const fn cmsg_space(data: usize) -> usize {
     CMSG_HDR + cmsg_align(data)
 }
 
-/// Room for one control message of [`SCM_MAX_FD`] fds, the most one message can bring.
-const CONTROL_LEN: usize = cmsg_space(SCM_MAX_FD * 4);
+/// Room for one control message of [`SCM_MAX_FD`] fds and one of credentials
+/// (`SO_PASSCRED`, the notify socket's), the most one message can bring on the sockets we
+/// read.
+const CONTROL_LEN: usize =
+    cmsg_space(SCM_MAX_FD * 4) + cmsg_space(std::mem::size_of::<libc::ucred>());
 
 /// A control buffer aligned as `struct cmsghdr` must be.
 #[repr(C, align(8))]
@@ -451,8 +454,18 @@ pub(crate) struct Received {
     /// Every fd the kernel installed for us, owned here, so each is closed exactly once
     /// whatever the caller makes of the rest.
     pub fds: Vec<OwnedFd>,
+    /// The sender's pid, if credentials came (`SO_PASSCRED`).
+    pub pid: Option<i32>,
     /// `MSG_CTRUNC`: control data was dropped (fds among it are closed by the kernel).
     pub ctrunc: bool,
+}
+
+/// One `recvmsg` with room for every fd one message can carry and the sender's
+/// credentials, the fds close-on-exec; retried on `EINTR`. `EAGAIN` is an error of kind
+/// `WouldBlock`. The channels read through [`read_some`]; the notify socket uses this.
+pub(crate) fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut control = Control([0; CONTROL_LEN]);
+    recv_into(fd, buf, &mut control.0)
 }
 
 /// One `recvmsg` into `buf`, with `control` for the control messages, the fds
@@ -482,18 +495,26 @@ fn recv_into(fd: RawFd, buf: &mut [u8], control: &mut [u8]) -> io::Result<Receiv
         let mut got = Received {
             bytes: n as usize,
             fds: Vec::new(),
+            pid: None,
             ctrunc: msg.msg_flags & libc::MSG_CTRUNC != 0,
         };
         // The kernel set msg_controllen to what it wrote.
         let written = (msg.msg_controllen as usize).min(control.len());
         for_each_cmsg(&control[..written], |level, kind, data| {
-            if (level, kind) == (libc::SOL_SOCKET, libc::SCM_RIGHTS) {
-                for raw in data.chunks_exact(4) {
-                    let raw = i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
-                    // SAFETY: the kernel just installed this fd for us, and nothing else
-                    // knows its number: it is owned here, once.
-                    got.fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            match (level, kind) {
+                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                    for raw in data.chunks_exact(4) {
+                        let raw = i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                        // SAFETY: the kernel just installed this fd for us, and nothing else
+                        // knows its number: it is owned here, once.
+                        got.fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                    }
                 }
+                // `struct ucred` starts with the pid.
+                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) if data.len() >= 4 => {
+                    got.pid = Some(i32::from_ne_bytes([data[0], data[1], data[2], data[3]]));
+                }
+                _ => {}
             }
         });
         return Ok(got);

@@ -8,12 +8,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, bind, recvmsg,
-    setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, bind, setsockopt, socket, sockopt,
 };
 use tokio::io::unix::AsyncFd;
+use tracing::warn;
 
 /// What one datagram said.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,10 +43,17 @@ impl Notice {
 }
 
 /// The master's notify socket for its workers.
+///
+/// Anyone who can reach it may send anything. A datagram it cannot use (one carrying file
+/// descriptors, control data that did not fit, no sender's credentials) is dropped, its fds
+/// closed, and logged at the 1st, 2nd, 4th… time; the socket carries on. Only an error of
+/// the socket itself ends [`NotifySocket::recv`].
 pub struct NotifySocket {
     fd: AsyncFd<OwnedFd>,
     /// The value for workers' `NOTIFY_SOCKET` (`@name`: Linux abstract namespace).
     pub env_value: String,
+    /// Datagrams dropped so far.
+    dropped: AtomicU64,
 }
 
 impl NotifySocket {
@@ -71,47 +79,63 @@ impl NotifySocket {
         Ok(NotifySocket {
             fd: crate::unix::async_fd(fd, tokio::io::Interest::READABLE)?,
             env_value: format!("@{name}"),
+            dropped: AtomicU64::new(0),
         })
     }
 
-    /// Waits for the next datagram; returns the sender's pid and what it said.
+    /// Waits for the next datagram that says something; returns the sender's pid and
+    /// what it said. Datagrams it cannot use are dropped on the way; an error is the
+    /// socket's own, and no more will come.
     pub async fn recv(&self) -> io::Result<(i32, Notice)> {
+        let mut buf = [0u8; 4096];
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| recv_one(fd.get_ref().as_raw_fd())) {
-                Ok(Ok(Some(got))) => return Ok(got),
-                Ok(Ok(None)) => continue,
-                Ok(Err(e)) => return Err(e),
+            let got = match guard
+                .try_io(|fd| crate::channel::recv_with_fds(fd.get_ref().as_raw_fd(), &mut buf))
+            {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => {
+                    warn!("notify socket: {e}; READY=1 and other notices are no longer received");
+                    return Err(e);
+                }
                 Err(_would_block) => continue,
+            };
+            match judge(&got) {
+                Ok(pid) => {
+                    return Ok((
+                        pid,
+                        Notice::parse(&String::from_utf8_lossy(&buf[..got.bytes])),
+                    ));
+                }
+                Err(why) => {
+                    let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        let from = got
+                            .pid
+                            .map(|p| format!(" from pid {p}"))
+                            .unwrap_or_default();
+                        warn!(
+                            "notify socket: dropped a datagram{from}: {why} ({n} dropped so far)"
+                        );
+                    }
+                    // Whoever sent them chose them: their close may block (SO_LINGER).
+                    got.fds.into_iter().for_each(crate::unix::close_later);
+                }
             }
         }
     }
 }
 
-fn recv_one(fd: i32) -> io::Result<Option<(i32, Notice)>> {
-    let mut buf = [0u8; 4096];
-    let mut iov = [io::IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
-    let mut pid = None;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        match c {
-            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-            // Nobody should send us fds here; close them (OwnedFd drop) rather than leak.
-            ControlMessageOwned::ScmRights(fds) => {
-                for fd in fds {
-                    // SAFETY: the kernel just gave us this fd; we own it and close it once.
-                    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-                }
-            }
-            _ => {}
-        }
+/// The sender's pid, if this datagram can be used; else why not.
+fn judge(got: &crate::channel::Received) -> Result<i32, String> {
+    if !got.fds.is_empty() {
+        return Err(format!("it carried {} file descriptors", got.fds.len()));
     }
-    let n = msg.bytes;
-    let Some(pid) = pid else { return Ok(None) };
-    let text = String::from_utf8_lossy(&buf[..n]);
-    Ok(Some((pid, Notice::parse(&text))))
+    if got.ctrunc {
+        return Err("its control data did not fit (MSG_CTRUNC)".to_string());
+    }
+    got.pid
+        .ok_or_else(|| "it came without the sender's credentials".to_string())
 }
 
 /// Sends a notification to our own supervisor, if `NOTIFY_SOCKET` was set for us.
@@ -187,5 +211,54 @@ mod tests {
         let (pid, notice) = sock.recv().await.unwrap();
         assert_eq!(pid, std::process::id() as i32);
         assert!(notice.ready);
+    }
+
+    /// A datagram that carries an fd is dropped and its fd closed; the next one is heard.
+    #[tokio::test]
+    async fn a_datagram_with_an_fd_is_dropped_and_the_next_heard() {
+        use nix::sys::socket::{ControlMessage, sendmsg};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let open_on = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+                .count()
+        };
+        let sock = NotifySocket::bind().unwrap();
+        let name = sock.env_value.strip_prefix('@').unwrap().to_string();
+        let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
+        let client = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let fds = [file.as_raw_fd(); 4];
+            sendmsg(
+                client.as_raw_fd(),
+                &[io::IoSlice::new(b"READY=1")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                Some(&addr),
+            )
+            .unwrap();
+        }
+        nix::sys::socket::sendto(client.as_raw_fd(), b"STATUS=ok", &addr, MsgFlags::empty())
+            .unwrap();
+        let (pid, notice) = sock.recv().await.unwrap();
+        assert_eq!(pid, std::process::id() as i32);
+        assert!(!notice.ready, "a datagram with fds was heard: {notice:?}");
+        assert_eq!(notice.status.as_deref(), Some("ok"));
+        assert_eq!(sock.dropped.load(Ordering::Relaxed), 3);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while open_on() > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(open_on(), 1);
     }
 }

@@ -1266,6 +1266,69 @@ fn a_lingering_socket_does_not_hold_up_the_closing_of_the_fds_after_it() {
     );
 }
 
+/// Workers send sd_notify datagrams that carry an fd, then `READY=1`. The master's notify
+/// socket had room for credentials only: an fd made the datagram's control data too long,
+/// the read failed, and the task that received notices ended, closing the socket: no
+/// worker's `READY=1` was heard again (with `ready_after = "1h"`, none became ready). Such
+/// a datagram is now dropped, its fd closed, and logged at the 1st, 2nd, 4th… time; the
+/// socket carries on. Two workers, then a third replacing one, each send 5.
+#[test]
+fn a_notify_datagram_carrying_an_fd_is_dropped_and_readiness_still_heard() {
+    let m = run_config(
+        r#"
+        [apps.n]
+        command = ["{fixture}", "notify-fd=5", "go-when={dir}/go", "park"]
+        instances = 2
+        ready_after = "1h"
+        "#,
+        &[],
+    );
+    let pid = m.pid();
+    m.wait_status("2 workers started", |s| s["apps"][0]["size"] == 2);
+    // The master's own (it keeps one open for workers' stdin).
+    let null_before = dev_null_fds(pid, &[]);
+    std::fs::write(m.path().join("go"), "").unwrap();
+    let s = m.wait_ready(2);
+    m.wait_logs("fixture: sent 5 datagrams with an fd, then READY=1: Ok", 2);
+    let victim = pids(&s)[0];
+    kill(victim, libc::SIGKILL);
+    let t = Instant::now();
+    let s = m.wait_status("a replacement ready", |s| {
+        let p = pids(s);
+        s["apps"][0]["ready"] == 2 && p.len() == 2 && !p.contains(&victim)
+    });
+    let replaced = t.elapsed();
+    m.wait_logs("fixture: sent 5 datagrams with an fd, then READY=1: Ok", 3);
+    let mut held = Vec::new();
+    if !poll(Duration::from_secs(5), || {
+        held = dev_null_fds(pid, &null_before);
+        held.is_empty()
+    }) {
+        m.fail(&format!("the master holds the fds it was sent: {held:?}"));
+    }
+    // 15 dropped: logged at the 1st, 2nd, 4th and 8th.
+    let logged = m.wait_logs("notify socket: dropped a datagram", 4);
+    assert!(
+        logged[3].1.contains("(8 dropped so far)"),
+        "{}",
+        logged[3].1
+    );
+    assert_eq!(
+        m.out.matching("notify socket: dropped a datagram").len(),
+        4,
+        "{}",
+        m.out.text()
+    );
+    assert_eq!(pids(&s).len(), 2);
+    report(
+        "hostile: sd_notify datagrams carrying an fd",
+        format!(
+            "15 dropped (4 log lines), the master holds none of the fds, every worker's \
+             READY=1 heard (a replacement ready {replaced:?} after the kill)"
+        ),
+    );
+}
+
 /// A worker that sends 20 000 `NODE_HANDLE`s without an fd and never reads its channel:
 /// the master's answers (a NACK each) pile up for it. Past 4096 waiting, the channel is cut
 /// off as a violation instead of the master holding them all; the others carry on.
