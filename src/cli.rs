@@ -442,6 +442,7 @@ impl RunArgs {
             }
             listen.push(addr);
         }
+        config::check_port_env(&env, &listen).map_err(|m| err("--env", m))?;
         let duration =
             |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
                 match v {

@@ -698,6 +698,26 @@ pub fn looks_like_node(command: &[String]) -> bool {
     })
 }
 
+/// The master sets `PORT` to the first TCP listen address's port; a different `PORT` in
+/// the app's env would send the app elsewhere without a word, so it is refused.
+pub fn check_port_env(env: &BTreeMap<String, String>, listen: &[ListenAddr]) -> Result<(), String> {
+    let first_tcp = listen.iter().find_map(|a| match a {
+        ListenAddr::Tcp(a) => Some(a),
+        ListenAddr::Unix(_) => None,
+    });
+    match (first_tcp, env.get("PORT")) {
+        (Some(addr), Some(theirs))
+            if theirs.parse::<u16>().ok() != Some(addr.port()).filter(|&p| p != 0) =>
+        {
+            Err(format!(
+                "PORT={theirs} is not the port of the first TCP listen address ({addr}): the \
+                 master sets PORT to that port; leave PORT out"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What to tell the user when a generic app that listens is started through a package
 /// manager (`npm start`, `yarn start`…): the Node server behind it is not recognised as Node,
 /// so it binds the port itself and fails with `EADDRINUSE` against the master's socket.
@@ -1010,6 +1030,7 @@ fn parse_app(
         (None, Some((min, max))) => Sizing::Auto { min, max },
         (None, None) => Sizing::Fixed(1),
     };
+    check_port_env(&env, &listen).map_err(|m| f.err("env", m))?;
     if let (Some(soft), Some(hard)) = (max_memory, kill_memory)
         && hard < soft
     {

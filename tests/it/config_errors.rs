@@ -59,6 +59,18 @@ fn bad_flags() {
             "processes: command line: --autoscale: `3` is not min=A,max=B",
         ),
         (
+            &[
+                "run",
+                "--env",
+                "PORT=8081",
+                "--listen",
+                "127.0.0.1:8080",
+                "--",
+                f,
+            ],
+            "processes: command line: --env: PORT=8081 is not the port of the first TCP listen address (127.0.0.1:8080): the master sets PORT to that port; leave PORT out",
+        ),
+        (
             &["run", "--autoscale", "min=1", "--", f],
             "processes: command line: --autoscale: max missing; use min=A,max=B",
         ),
@@ -268,6 +280,7 @@ fn bad_config_files() {
         (format!("[apps.a]\ncommand = [\"{f}\"]\nlisten = [\"127.0.0.1:1\", \"x\"]\n"), "apps.a.listen[1]: `x` is not an address; use HOST:PORT, :PORT, [::]:PORT or a unix socket path".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\nenv = {{ A = [1] }}\n"), "apps.a.env.A: expected a string, found array".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\nrestart = \"sometimes\"\n"), "apps.a.restart: `sometimes` is not a restart policy; use always, on-failure or never".into()),
+        (format!("[apps.a]\ncommand = [\"{f}\"]\nlisten = \"127.0.0.1:0\"\nenv = {{ PORT = \"3000\" }}\n"), "apps.a.env: PORT=3000 is not the port of the first TCP listen address (127.0.0.1:0): the master sets PORT to that port; leave PORT out".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\ncwd = \"does-not-exist\"\n"), format!("apps.a.cwd: `{}/does-not-exist` cannot be used: No such file or directory (os error 2)", d.display())),
         ("".into(), "apps: missing; add at least one [apps.NAME] table with a command".into()),
         ("[apps]\n".into(), "apps: is empty; add at least one [apps.NAME] table with a command".into()),
