@@ -381,8 +381,11 @@ async fn run<E>(
                             return Some(v);
                         }
                         let msgs = decoder.push_lines(&buf[..n], |line, fds| {
-                            match crate::node::recognise(line) {
-                                Some(known) => Ok(Incoming::Known(known)),
+                            if let Some(known) = crate::node::recognise(line) {
+                                return Ok(Incoming::Known(known));
+                            }
+                            match crate::node::user_line(line) {
+                                Some(user) => user.map(Incoming::Known).map_err(Violation::InvalidJson),
                                 None => parse_line(line, fds).map(|(v, fd)| Incoming::Message(v, fd)),
                             }
                         });

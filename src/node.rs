@@ -40,8 +40,19 @@ pub enum FromWorker {
     OtherCluster { act: String, seq: Option<u64> },
     /// Any other internal (`NODE_`) message.
     OtherInternal(String),
-    /// A user message for the primary (`process.send(x)`); logged, nothing else.
-    User(Value),
+    /// A user message for the primary (`process.send(x)`): no primary of the app's own
+    /// reads it here, so it is dropped; the debug log shows its start and size.
+    User { head: String, bytes: usize },
+}
+
+/// How much of a user message the debug log shows.
+const USER_HEAD: usize = 200;
+
+fn user(text: &[u8]) -> FromWorker {
+    FromWorker::User {
+        head: String::from_utf8_lossy(&text[..text.len().min(USER_HEAD)]).into_owned(),
+        bytes: text.len(),
+    }
 }
 
 /// The fields of `queryServer` that matter to the primary.
@@ -139,6 +150,16 @@ pub fn recognise(line: &[u8]) -> Option<FromWorker> {
     })
 }
 
+/// A line that can only be a user message: every message the master reads has a `"cmd"`
+/// key, except `"ready"`. Such a line is checked to be JSON without building a value (a
+/// worker sending megabyte arrays costs the loop a scan, not the allocations).
+pub fn user_line(line: &[u8]) -> Option<Result<FromWorker, serde_json::Error>> {
+    if line.windows(5).any(|w| w == br#""cmd""#) || line.trim_ascii() == br#""ready""# {
+        return None;
+    }
+    Some(serde_json::from_slice::<serde::de::IgnoredAny>(line).map(|_| user(line)))
+}
+
 /// A JSON integer that fits a `u64` at the start of `b`, and what follows it. Declines
 /// leading zeros (not JSON) and anything that overflows.
 fn json_u64(b: &[u8]) -> Option<(u64, &[u8])> {
@@ -161,7 +182,7 @@ pub fn classify(v: &Value) -> FromWorker {
         return FromWorker::Ready;
     }
     let Some(cmd) = v.get("cmd").and_then(Value::as_str) else {
-        return FromWorker::User(v.clone());
+        return user(v.to_string().as_bytes());
     };
     match cmd {
         "NODE_HANDLE_ACK" => FromWorker::HandleAck,
@@ -176,7 +197,7 @@ pub fn classify(v: &Value) -> FromWorker {
         "PROCESSES_READY" | "NODE_PROCESSES_READY" => FromWorker::Ready,
         "NODE_CLUSTER" => classify_cluster(v),
         c if c.len() > 5 && c.starts_with("NODE_") => FromWorker::OtherInternal(c.to_string()),
-        _ => FromWorker::User(v.clone()),
+        _ => user(v.to_string().as_bytes()),
     }
 }
 
@@ -401,6 +422,24 @@ mod tests {
             }
         }
 
+        /// A line taken for a user message without building its value is one: valid JSON
+        /// exactly when the parser says so, and never a message the master acts on.
+        #[test]
+        fn user_lines_are_what_the_parser_calls_user_messages(
+            line in r#"[ -~]{0,40}|"ready"|\{"cmd":"[A-Z_]{0,16}"\}|\[[0-9,]{0,20}\]|\{"a":"[a-z]{0,8}"\}"#,
+        ) {
+            let parsed = serde_json::from_str::<Value>(&line);
+            match user_line(line.as_bytes()) {
+                None => proptest::prop_assert!(line.contains(r#""cmd""#) || line.trim() == r#""ready""#),
+                Some(Err(_)) => proptest::prop_assert!(parsed.is_err(), "{}", line),
+                Some(Ok(fast)) => {
+                    let v = parsed.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{line}: {e}")))?;
+                    proptest::prop_assert!(matches!(classify(&v), FromWorker::User { .. }), "{}", line);
+                    proptest::prop_assert_eq!(fast, user(line.as_bytes()));
+                }
+            }
+        }
+
         /// The `newconn` line written by hand is one line of exactly Node's `newconn`
         /// message, whatever the key holds.
         #[test]
@@ -455,7 +494,7 @@ mod tests {
             }
         );
         assert_eq!(classify(&parse(r#""ready""#)), FromWorker::Ready);
-        assert!(matches!(classify(&parse("42")), FromWorker::User(_)));
+        assert!(matches!(classify(&parse("42")), FromWorker::User { .. }));
         assert!(matches!(
             classify(&parse(
                 r#"{"cmd":"NODE_CLUSTER","act":"queryServer","seq":1}"#

@@ -83,7 +83,13 @@ impl Master {
             FromWorker::Pong { id: ping } => self.on_pong(id, ping),
             FromWorker::OtherCluster { act, .. } => debug!("cluster message {act:?} ignored"),
             FromWorker::OtherInternal(cmd) => debug!("internal message {cmd} ignored"),
-            FromWorker::User(v) => debug!("[{}] message: {v}", self.pools[app].spec.name),
+            FromWorker::User { head, bytes } if head.len() == bytes => {
+                debug!("[{}] message: {head}", self.pools[app].spec.name)
+            }
+            FromWorker::User { head, bytes } => debug!(
+                "[{}] message ({bytes} bytes): {head}…",
+                self.pools[app].spec.name
+            ),
         }
     }
 
