@@ -218,6 +218,10 @@ pub struct Pool {
     pub reload: Option<Reload>,
     /// No new workers: the master is stopping.
     pub stopping: bool,
+    /// A Node worker of this app said `listening`: the app is a server, so a new worker is
+    /// ready once it listens, not when `ready_after` has passed (a replacement still
+    /// starting up must not take over from one that serves).
+    pub listens: bool,
 }
 
 impl Pool {
@@ -231,6 +235,7 @@ impl Pool {
             workers: BTreeMap::new(),
             reload: None,
             stopping: false,
+            listens: false,
         }
     }
 
@@ -283,7 +288,7 @@ impl Pool {
         // Workers whose ready_after has passed without a better signal.
         for w in self.workers.values() {
             if w.state == WorkerState::Starting
-                && !w.listen_pending
+                && !self.waits_for_listening(w)
                 && w.uptime(now) >= self.spec.ready_after
             {
                 actions.push(Action::MarkReady { worker: w.id });
@@ -569,6 +574,13 @@ impl Pool {
         r
     }
 
+    /// A starting worker that `ready_after` does not make ready: it asked for a listener
+    /// and has not said `listening` yet, or it is a Node worker of an app whose workers
+    /// listen.
+    fn waits_for_listening(&self, w: &Worker) -> bool {
+        w.listen_pending || (self.listens && self.spec.runtime == crate::config::Runtime::Node)
+    }
+
     /// Marks a worker ready. Returns the worker it replaces and why, if it was a
     /// replacement (the caller stops that one).
     pub fn on_ready(&mut self, id: WorkerId, now: Instant) -> Option<(WorkerId, StopReason)> {
@@ -748,7 +760,7 @@ impl Pool {
             }
         }
         for w in self.workers.values() {
-            if w.state == WorkerState::Starting && !w.listen_pending {
+            if w.state == WorkerState::Starting && !self.waits_for_listening(w) {
                 consider(w.started + self.spec.ready_after);
             }
             if w.stopping.is_none()
@@ -1010,6 +1022,30 @@ mod tests {
         assert_eq!(p.target, 2);
         assert_eq!(p.set_target(1), 2);
         assert_eq!(p.set_target(9), 3);
+    }
+
+    #[test]
+    fn once_a_node_app_listens_ready_after_does_not_make_its_workers_ready() {
+        let mut node = spec(Sizing::Fixed(1));
+        node.runtime = crate::config::Runtime::Node;
+        let mut p = Pool::new(node);
+        let t0 = Instant::now();
+        let mut id = 0;
+        apply(&mut p, t0, &mut id);
+        let later = t0 + p.spec.ready_after;
+        assert!(marks_ready(&p.plan(later)));
+        p.listens = true;
+        assert!(!marks_ready(&p.plan(later)));
+        assert_eq!(p.next_deadline(), None);
+        // A generic app's workers have no `listening` to wait for.
+        p.spec.runtime = crate::config::Runtime::Generic;
+        assert!(marks_ready(&p.plan(later)));
+    }
+
+    fn marks_ready(actions: &[Action]) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::MarkReady { .. }))
     }
 
     #[test]

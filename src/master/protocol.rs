@@ -58,7 +58,10 @@ impl Master {
                 }
             }
             FromWorker::QueryServer(q) => self.on_query_server(id, q),
-            FromWorker::Listening { .. } => self.mark_ready(app, id, Instant::now(), "listening"),
+            FromWorker::Listening { .. } => {
+                self.pools[app].listens = true;
+                self.mark_ready(app, id, Instant::now(), "listening")
+            }
             FromWorker::Ready => {
                 if let Some(io) = self.io.get_mut(&id) {
                     io.said_ready = true;

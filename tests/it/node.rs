@@ -1301,6 +1301,62 @@ fn a_node_worker_that_listens_late_gets_its_connections() {
     }
 }
 
+/// Once a Node app's workers listen, a replacement is ready when it listens, not when
+/// `ready_after` has passed: a new version that takes its time to listen does not take over
+/// from the old one before it can serve, and no request waits for it.
+#[test]
+fn a_node_reload_waits_for_each_replacement_to_listen() {
+    let config = |delay_ms: u32| {
+        format!(
+            r#"
+            [apps.web]
+            command = ["node", "{}"]
+            instances = 2
+            listen = "127.0.0.1:0"
+            ready_after = "100ms"
+            env = {{ LISTEN_DELAY_MS = "{delay_ms}" }}
+            "#,
+            app("slow_listen.js")
+        )
+    };
+    let m = run_config(&config(0), &[]);
+    let port = m.port();
+    let old = pids(&m.wait_ready(2));
+    let load = Load::start(port);
+    load.wait(&m, "10 responses", |r| r.len() >= 10);
+    // The new version listens 1.5 s after it starts, long after `ready_after`.
+    std::fs::write(m.path().join("processes.toml"), config(1500)).unwrap();
+    m.wait_log("web: reload done, 2/2");
+    let results = load.finish();
+    let ready: Vec<String> = m
+        .out
+        .matching(" ready after ")
+        .into_iter()
+        .map(|(_, l)| l)
+        .filter(|l| !old.iter().any(|p| l.contains(&format!("pid {p} "))))
+        .collect();
+    assert_eq!(ready.len(), 2, "{ready:?}");
+    assert!(
+        ready.iter().all(|l| l.ends_with("(listening)")),
+        "{ready:?}"
+    );
+    let failures: Vec<_> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    // For the record (not asserted: timing): the longest any request waited.
+    let gaps = results
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} requests, longest gap between answers {gaps:?}",
+        results.len()
+    );
+}
+
 /// Case 10: `SIGHUP` reloads Node workers through `disconnect`: every worker is replaced, the
 /// old ones leave by themselves (no SIGKILL), and a sequential client sees no failure.
 #[test]
