@@ -27,6 +27,18 @@ pub struct Listener {
     /// The address actually bound (a requested port 0 becomes the port the OS picked).
     pub local: ListenAddr,
     pub fd: OwnedFd,
+    /// A unix socket's path that the master bound, removed when the listener goes (at the
+    /// master's exit): a socket file left behind only makes the next bind check it. Not
+    /// set for a socket systemd passed, whose file is systemd's.
+    pub unlink: Option<std::path::PathBuf>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = &self.unlink {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl Listener {
@@ -76,6 +88,7 @@ pub fn bind(addr: &ListenAddr, field: &str) -> Result<Listener, StartError> {
                 requested: addr.clone(),
                 local: ListenAddr::Tcp(local),
                 fd,
+                unlink: None,
             })
         }
         ListenAddr::Unix(path) => {
@@ -84,6 +97,7 @@ pub fn bind(addr: &ListenAddr, field: &str) -> Result<Listener, StartError> {
                 requested: addr.clone(),
                 local: addr.clone(),
                 fd,
+                unlink: Some(path.clone()),
             })
         }
     }
@@ -288,6 +302,7 @@ pub fn take_inherited(
         requested: wanted.clone(),
         local,
         fd,
+        unlink: None,
     })
 }
 

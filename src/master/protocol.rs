@@ -489,17 +489,23 @@ impl Master {
                     .to_string(),
             ));
         }
-        let (fd, local, udp) = bind_for_node(q)
+        let cwd = self.pools[app].spec.cwd.clone();
+        let (fd, local, udp) = bind_for_node(q, cwd.as_deref())
             .map_err(|e| (e.raw_os_error().unwrap_or(libc::EINVAL), e.to_string()))?;
         let passing = self.pools[app].spec.dispatch().passes();
         info!(
             "{}: listening on {local} (asked by a worker)",
             self.pools[app].spec.name
         );
+        let unlink = match &local {
+            ListenAddr::Unix(path) => Some(path.clone()),
+            ListenAddr::Tcp(_) => None,
+        };
         let listener = Listener {
             requested: local.clone(),
             local,
             fd,
+            unlink,
         };
         let mut entry = ListenerEntry::new(app, listener, false, udp, passing && !udp);
         entry.keys.insert(key.to_string());
@@ -728,12 +734,20 @@ fn same_path(bound: &std::path::Path, asked: &str, cwd: Option<&std::path::Path>
 
 /// Binds what a Node worker asked for: `null` means every address (`::`, dual-stack, as
 /// Node's own primary does).
-fn bind_for_node(q: &node::QueryServer) -> std::io::Result<(OwnedFd, ListenAddr, bool)> {
+fn bind_for_node(
+    q: &node::QueryServer,
+    cwd: Option<&std::path::Path>,
+) -> std::io::Result<(OwnedFd, ListenAddr, bool)> {
     use node::AddressType;
     let port = u16::try_from(q.port.max(0)).unwrap_or(0);
     let fd_and_addr = match q.address_type {
         AddressType::Pipe => {
-            let path = std::path::PathBuf::from(q.address.clone().unwrap_or_default());
+            // The worker named it from its own directory, the app's `cwd`.
+            let asked = std::path::PathBuf::from(q.address.clone().unwrap_or_default());
+            let path = match cwd {
+                Some(dir) if asked.is_relative() => dir.join(asked),
+                _ => asked,
+            };
             let fd = sockets::bind_unix(&path)?;
             (fd, ListenAddr::Unix(path), false)
         }

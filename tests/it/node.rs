@@ -127,6 +127,49 @@ fn a_unix_socket_in_listen_is_the_one_node_workers_listen_on() {
     );
 }
 
+/// A unix socket a Node worker asks for by a relative path is bound in the worker's
+/// directory (the app's `cwd`), not the master's, and its file is removed when the master
+/// stops, as is the file of a unix socket in `--listen`.
+#[test]
+fn unix_sockets_are_bound_where_the_worker_names_them_and_removed_at_exit() {
+    use std::os::unix::net::UnixStream;
+    let script = app("http.js");
+    let app_dir = tempfile::tempdir().unwrap();
+    let cwd = app_dir.path().display().to_string();
+    let mut m = run(&[
+        "-i",
+        "1",
+        "--listen",
+        "{dir}/listed.sock",
+        "--cwd",
+        &cwd,
+        "--env",
+        "SOCK=own.sock",
+        "--",
+        "node",
+        &script,
+    ]);
+    m.wait_ready(1);
+    let own = app_dir.path().join("own.sock");
+    m.wait_log(&format!(
+        "listening on unix:{} (asked by a worker)",
+        own.display()
+    ));
+    let mut s = UnixStream::connect(&own).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let listed = m.path().join("listed.sock");
+    assert!(listed.exists());
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit(Duration::from_secs(20)).success());
+    assert!(!own.exists(), "{} left behind", own.display());
+    assert!(!listed.exists(), "{} left behind", listed.display());
+}
+
 /// The pid of the worker that answered one GET.
 fn get_pid(port: u16) -> std::io::Result<i32> {
     let v = http_get(port, Duration::from_secs(10))?;
