@@ -257,16 +257,27 @@ fn missing_separator_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> cl
         .find_map(|i| {
             let mut with = args.to_vec();
             with.insert(i, "--".into());
-            Cli::try_parse_from(&with).ok().map(|_| with)
+            Cli::try_parse_from(&with).ok().map(|_| (i, with))
         });
+    let line = |with: &[std::ffi::OsString]| {
+        std::iter::once("processes".to_string())
+            .chain(with[1..].iter().map(|a| shell_quote(&a.to_string_lossy())))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let tip = match fixed {
-        Some(with) => format!(
-            "put `--` before the command: {}",
-            std::iter::once("processes".to_string())
-                .chain(with[1..].iter().map(|a| shell_quote(&a.to_string_lossy())))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
+        // `processes run node server.js -i 2` (PM2's order): flags of ours after the
+        // command were most likely meant for us.
+        Some((i, with)) => match flags_moved_before(args, i) {
+            Some((moved, flags)) => format!(
+                "put `--` before the command, and the flags meant for processes before it: {} \
+                 (or, if {flags} {} the command's own: {})",
+                line(&moved),
+                if flags.contains(", ") { "are" } else { "is" },
+                line(&with)
+            ),
+            None => format!("put `--` before the command: {}", line(&with)),
+        },
         None => "put `--` before the command: processes run -i 2 -- node server.js".into(),
     };
     e.insert(
@@ -274,6 +285,63 @@ fn missing_separator_hint(mut e: clap::Error, args: &[std::ffi::OsString]) -> cl
         ContextValue::StyledStrs(vec![StyledStr::from(tip)]),
     );
     e
+}
+
+/// `args` with the command starting at `start`, when what follows some of the command's
+/// words is nothing but `run`'s own flags (and their values): those flags moved before a
+/// `--` in front of the command, if that line parses, and the flags' names.
+fn flags_moved_before(
+    args: &[std::ffi::OsString],
+    start: usize,
+) -> Option<(Vec<std::ffi::OsString>, String)> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let run = cli.find_subcommand("run")?;
+    // Each of `run`'s flags as typed (`-i`, `--instances`, …), and whether it takes a value.
+    let ours: BTreeMap<String, bool> = run
+        .get_arguments()
+        .flat_map(|a| {
+            let value = a.get_action().takes_values();
+            let longs = a.get_long().into_iter().map(|l| format!("--{l}"));
+            let shorts = a.get_short().into_iter().map(|c| format!("-{c}"));
+            longs
+                .chain(shorts)
+                .map(move |n| (n, value))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // `--listen=:80` and `-i4` carry their value.
+    let flag = |a: &str| -> Option<(String, bool)> {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, _)) if a.starts_with("--") => (n.to_string(), true),
+            _ if !a.starts_with("--") && a.starts_with('-') && a.len() > 2 => {
+                (a[..2].to_string(), true)
+            }
+            _ => (a.to_string(), false),
+        };
+        ours.get(&name).map(|&takes| (name, takes && !inline))
+    };
+    let tail: Vec<String> = args[start..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let first = tail.iter().position(|a| flag(a).is_some())?;
+    let mut names = Vec::new();
+    let mut j = first;
+    while j < tail.len() {
+        let (name, takes_value) = flag(&tail[j])?;
+        names.push(name);
+        j += if takes_value { 2 } else { 1 };
+    }
+    if j != tail.len() || first == 0 {
+        return None;
+    }
+    let mut moved = args[..start].to_vec();
+    moved.extend_from_slice(&args[start + first..]);
+    moved.push("--".into());
+    moved.extend_from_slice(&args[start..start + first]);
+    Cli::try_parse_from(&moved).ok()?;
+    Some((moved, names.join(", ")))
 }
 
 /// `arg` as a shell would need it typed: as is when that is safe, else single-quoted.

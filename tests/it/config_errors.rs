@@ -187,6 +187,24 @@ fn a_command_without_the_separator_gets_the_corrected_line() {
             &["run", "--name", "node", "node", "--inspect", "my app.js"],
             "tip: put `--` before the command: processes run --name node -- node --inspect 'my app.js'",
         ),
+        // PM2's order, flags after the script: they were most likely meant for processes.
+        (
+            &[
+                "run",
+                "node",
+                "server.js",
+                "--port",
+                "3000",
+                "-i",
+                "2",
+                "--listen=:8080",
+            ],
+            "tip: put `--` before the command, and the flags meant for processes before it: processes run -i 2 --listen=:8080 -- node server.js --port 3000 (or, if -i, --listen are the command's own: processes run -- node server.js --port 3000 -i 2 --listen=:8080)",
+        ),
+        (
+            &["run", "node", "server.js", "-i4"],
+            "tip: put `--` before the command, and the flags meant for processes before it: processes run -i4 -- node server.js (or, if -i is the command's own: processes run -- node server.js -i4)",
+        ),
     ];
     for (args, want) in cases {
         let (code, stderr, stdout) = run_in(d, args);
