@@ -78,8 +78,12 @@ impl Backoff {
         }
         self.consecutive = self.consecutive.saturating_add(1);
         self.recent.push_back(now);
+        // Only the last `crash_loop_restarts` matter: a long window with a short backoff
+        // must not make the list grow with every restart.
         while let Some(&t) = self.recent.front() {
-            if now.duration_since(t) > params.crash_loop_window {
+            if now.duration_since(t) > params.crash_loop_window
+                || self.recent.len() > params.crash_loop_restarts.max(1)
+            {
                 self.recent.pop_front();
             } else {
                 break;
@@ -233,6 +237,28 @@ mod tests {
             }
             Restart::No => panic!("a crash-looping slot must still be retried"),
         }
+    }
+
+    #[test]
+    fn a_long_window_keeps_only_the_crashes_that_count() {
+        let p = BackoffParams {
+            crash_loop_window: Duration::from_secs(365 * 86400),
+            ..params()
+        };
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        for i in 0..10_000 {
+            b.on_unasked_exit(
+                &p,
+                RestartPolicy::Always,
+                ExitKind::Code(1),
+                Duration::ZERO,
+                t0 + Duration::from_millis(i),
+                0.5,
+            );
+        }
+        assert!(b.crash_looping);
+        assert_eq!(b.recent.len(), p.crash_loop_restarts);
     }
 
     #[test]

@@ -533,6 +533,10 @@ pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Checks a sample interval: at least 100 ms, at most a minute.
+/// The longest `down_window` and `down_interval`: an hour of samples is plenty to decide
+/// a scale-down, and the controller keeps one per tick.
+pub const MAX_DOWN_WINDOW: Duration = Duration::from_secs(3600);
+
 pub fn check_sample_interval(d: Duration) -> Result<Duration, String> {
     if d < MIN_SAMPLE_INTERVAL {
         return Err(format!(
@@ -1365,6 +1369,18 @@ impl Fields {
                         "cpu_factor",
                         format!("{cpu_factor} must be between 0.1 and 64"),
                     ));
+                }
+                // The controller keeps a sample per tick over `down_window`.
+                for (key, d) in [
+                    ("down_window", down_window),
+                    ("down_interval", down_interval),
+                ] {
+                    if d > MAX_DOWN_WINDOW {
+                        return Err(f.err(
+                            key,
+                            format!("{} is above the maximum of 1h", crate::human::duration(d)),
+                        ));
+                    }
                 }
                 Ok((
                     Some((min, max)),

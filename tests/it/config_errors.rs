@@ -294,6 +294,7 @@ fn bad_config_files() {
         (format!("metrix = 1\n[apps.a]\ncommand = [\"{f}\"]\n"), "metrix: unknown key; check the spelling against the config reference in README.md".into()),
         (format!("[apps.\"bad name\"]\ncommand = [\"{f}\"]\n"), "apps.bad name: `bad name` is not a usable name; use 1-64 letters, digits, `_`, `-` or `.`, starting with a letter or digit".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\n[apps.a.backoff]\ninitial = \"1s\"\nmax = \"10ms\"\n"), "apps.a.backoff.max: 10ms is below initial (1s)".into()),
+        (format!("[apps.a]\ncommand = [\"{f}\"]\nautoscale = {{ min = 1, max = 2, down_window = \"2h\" }}\n"), "apps.a.autoscale.down_window: 2h00m is above the maximum of 1h".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\n[apps.a.backoff]\njitter = 1\n"), "apps.a.backoff.jitter: unknown key; check the spelling against the config reference in README.md".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\nlisten = [\"127.0.0.1:1\", \"x\"]\n"), "apps.a.listen[1]: `x` is not an address; use HOST:PORT, :PORT, [::]:PORT or a unix socket path".into()),
         (format!("[apps.a]\ncommand = [\"{f}\"]\nenv = {{ A = [1] }}\n"), "apps.a.env.A: expected a string, found array".into()),
