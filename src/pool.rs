@@ -141,6 +141,11 @@ pub struct Slot {
     /// Start a replacement for the current worker, and stop the old one for this reason
     /// once the new one is ready (memory limit).
     pub replace: Option<StopReason>,
+    /// A Node worker in this slot said `listening`: the slot serves, so the next worker in
+    /// it is ready once it listens, not when `ready_after` has passed (a replacement still
+    /// starting up must not take over from one that serves). A slot whose worker never
+    /// listened (a worker with a job of its own) keeps `ready_after`.
+    pub listened: bool,
 }
 
 impl Slot {
@@ -218,10 +223,6 @@ pub struct Pool {
     pub reload: Option<Reload>,
     /// No new workers: the master is stopping.
     pub stopping: bool,
-    /// A Node worker of this app said `listening`: the app is a server, so a new worker is
-    /// ready once it listens, not when `ready_after` has passed (a replacement still
-    /// starting up must not take over from one that serves).
-    pub listens: bool,
 }
 
 impl Pool {
@@ -235,7 +236,6 @@ impl Pool {
             workers: BTreeMap::new(),
             reload: None,
             stopping: false,
-            listens: false,
         }
     }
 
@@ -575,10 +575,12 @@ impl Pool {
     }
 
     /// A starting worker that `ready_after` does not make ready: it asked for a listener
-    /// and has not said `listening` yet, or it is a Node worker of an app whose workers
-    /// listen.
+    /// and has not said `listening` yet, or it is a Node worker in a slot whose earlier
+    /// worker listened.
     fn waits_for_listening(&self, w: &Worker) -> bool {
-        w.listen_pending || (self.listens && self.spec.runtime == crate::config::Runtime::Node)
+        w.listen_pending
+            || (self.spec.runtime == crate::config::Runtime::Node
+                && self.slots.get(&w.slot).is_some_and(|s| s.listened))
     }
 
     /// Marks a worker ready. Returns the worker it replaces and why, if it was a
@@ -1025,7 +1027,7 @@ mod tests {
     }
 
     #[test]
-    fn once_a_node_app_listens_ready_after_does_not_make_its_workers_ready() {
+    fn once_a_node_slot_listened_ready_after_does_not_make_its_next_worker_ready() {
         let mut node = spec(Sizing::Fixed(1));
         node.runtime = crate::config::Runtime::Node;
         let mut p = Pool::new(node);
@@ -1034,7 +1036,7 @@ mod tests {
         apply(&mut p, t0, &mut id);
         let later = t0 + p.spec.ready_after;
         assert!(marks_ready(&p.plan(later)));
-        p.listens = true;
+        p.slots.get_mut(&0).unwrap().listened = true;
         assert!(!marks_ready(&p.plan(later)));
         assert_eq!(p.next_deadline(), None);
         // A generic app's workers have no `listening` to wait for.

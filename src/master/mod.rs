@@ -231,6 +231,9 @@ struct HandleInFlight {
     line: Vec<u8>,
     fd: crate::channel::SharedFd,
     retries: u32,
+    /// The worker answered `accepted` for its connection before settling it: it has the
+    /// handle, so a NACK settles it instead of sending it again.
+    answered: bool,
 }
 
 /// A connection given to a worker and not yet taken.

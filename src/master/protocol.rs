@@ -59,7 +59,10 @@ impl Master {
             }
             FromWorker::QueryServer(q) => self.on_query_server(id, q),
             FromWorker::Listening { .. } => {
-                self.pools[app].listens = true;
+                let slot = self.pools[app].workers.get(&id).map(|w| w.slot);
+                if let Some(s) = slot.and_then(|n| self.pools[app].slots.get_mut(&n)) {
+                    s.listened = true;
+                }
                 self.mark_ready(app, id, Instant::now(), "listening")
             }
             FromWorker::Ready => {
@@ -145,6 +148,7 @@ impl Master {
                     line,
                     fd,
                     retries: 0,
+                    answered: false,
                 });
             }
             None => self.outbox.push((id, Outgoing { line, fd: None })),
@@ -208,6 +212,12 @@ impl Master {
         let Some(h) = io.awaiting_ack.as_mut() else {
             return;
         };
+        if h.answered {
+            // Its connection was answered for already (and dealt with): nothing to resend.
+            io.awaiting_ack = None;
+            self.release_held(id);
+            return;
+        }
         h.retries += 1;
         if h.retries > MAX_HANDLE_RETRANSMISSIONS {
             warn!(
@@ -249,6 +259,17 @@ impl Master {
             return;
         };
         let app = io.app;
+        // An answer about the connection shows the worker has its handle, whatever it
+        // says of the handle later: a NACK must not send that fd to it again (another
+        // worker may have the connection by then). Node acknowledges before it answers.
+        // The handle stays in flight until its ACK or NACK, which are matched by order.
+        if let Some(h) = io
+            .awaiting_ack
+            .as_mut()
+            .filter(|h| Arc::ptr_eq(&h.fd, &c.fd))
+        {
+            h.answered = true;
+        }
         if accepted == Some(true) {
             io.refused_at = None;
             close_conn(c);

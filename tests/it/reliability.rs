@@ -1541,6 +1541,25 @@ fn a_refusing_worker_is_offered_connections_again_after_its_pause() {
     );
 }
 
+/// A Node worker that answers `accepted: false` for a connection before settling its
+/// handle, then refuses the handle (NACK): its answer shows it had the handle, so the NACK
+/// must not send that same `newconn` to it again — before, each NACK did, up to 3 times,
+/// while the connection was also being offered anew. Here it is the only worker, so the
+/// connection is offered until the master gives up on it and closes it.
+#[test]
+fn a_newconn_refused_before_its_handle_is_settled_is_not_sent_again() {
+    let h = Hostile::start(&["refuse-then-nack-slot=0"], "runtime = \"node\"");
+    let bad_port = h.bad_port();
+    h.m.wait_status("bad ready", |s| app_named(s, "bad")["ready"] == 1);
+    // Nobody takes it: the client's connection is closed in the end.
+    let _ = get(bad_port);
+    h.m.wait_log("closed a connection its workers refused");
+    let offers = h.m.out.matching("fixture: refused ");
+    assert!(offers.len() >= 2, "{offers:?}");
+    let again = h.m.out.matching("again in newconn");
+    assert!(again.is_empty(), "{again:?}");
+}
+
 /// The master sends a refused handle 3 times more, then gives up on it: that connection
 /// goes to the other worker, the answers held behind the handle are released, and nothing
 /// is lost — each of 40 requests one after another is answered by slot 1, the refuser
