@@ -296,6 +296,36 @@ pub const DEFAULT_INHERITED_ENV: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "TMPDIR",
 ];
 
+/// Variables every login shell or terminal sets, which no app reads as its config: not
+/// worth telling the user that workers do not get them.
+const SESSION_ENV: &[&str] = &[
+    "_", "OLDPWD", "PWD", "SHLVL", "PS1", "PS2", "LS_COLORS", "LSCOLORS", "COLORTERM", "DISPLAY",
+    "MAIL", "HIST*", "LESS*", "SSH_*", "XDG_*", "DBUS_*", "TERM_*", "WINDOWID", "EDITOR",
+    "VISUAL", "PAGER", "MOTD_SHOWN", "HOSTNAME", "INVOCATION_ID", "JOURNAL_STREAM", "SUDO_*",
+    "CARGO*", "RUSTUP*", "RUST_*", "PROCESSES_*", "NO_COLOR",
+];
+
+/// Which of the master's variables `inherit` keeps from an app's workers that look like
+/// the app's own settings (not the shell's or terminal's), sorted: what a user coming from
+/// PM2 or gunicorn, where workers get the whole environment, would miss.
+pub fn withheld_env<'a>(
+    inherit: &InheritEnv,
+    env: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    let session = |k: &str| {
+        SESSION_ENV.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => k.starts_with(prefix),
+            None => k == *p,
+        })
+    };
+    let mut out: Vec<&str> = env
+        .into_iter()
+        .filter(|k| !inherit.allows(k) && !session(k))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 impl Default for InheritEnv {
     fn default() -> Self {
         InheritEnv::Only(
@@ -1561,6 +1591,18 @@ mod tests {
             wrapper_hint(&spec(r#"["python3", "a.py"]"#, ""), true),
             None
         );
+    }
+
+    #[test]
+    fn withheld_env_names_what_an_app_would_miss_not_the_shells_noise() {
+        let env = ["NODE_ENV", "PATH", "LS_COLORS", "DATABASE_URL", "SSH_TTY", "LC_ALL", "_"];
+        assert_eq!(
+            withheld_env(&InheritEnv::default(), env),
+            vec!["DATABASE_URL", "NODE_ENV"]
+        );
+        assert!(withheld_env(&InheritEnv::All, env).is_empty());
+        let some = InheritEnv::parse("NODE_ENV").unwrap();
+        assert_eq!(withheld_env(&some, env), vec!["DATABASE_URL", "LC_ALL", "PATH"]);
     }
 
     #[test]

@@ -553,6 +553,18 @@ impl Master {
             if let Some(hint) = crate::config::wrapper_hint(&p.spec, listens) {
                 warn!("{}: {hint}", p.spec.name);
             }
+            let names = self.base_env.iter().map(|(k, _)| k.as_str());
+            let withheld = crate::config::withheld_env(&p.spec.inherit_env, names);
+            if !withheld.is_empty() {
+                let shown = withheld.iter().take(6).copied().collect::<Vec<_>>().join(", ");
+                let more = withheld.len().saturating_sub(6);
+                info!(
+                    "{}: its workers do not get {shown}{} from the master's environment; \
+                     `--env K=V` or `inherit_env` passes them",
+                    p.spec.name,
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                );
+            }
         }
         info!(
             "master pid {} ready; control socket {}",
