@@ -299,10 +299,37 @@ pub const DEFAULT_INHERITED_ENV: &[&str] = &[
 /// Variables every login shell or terminal sets, which no app reads as its config: not
 /// worth telling the user that workers do not get them.
 const SESSION_ENV: &[&str] = &[
-    "_", "OLDPWD", "PWD", "SHLVL", "PS1", "PS2", "LS_COLORS", "LSCOLORS", "COLORTERM", "DISPLAY",
-    "MAIL", "HIST*", "LESS*", "SSH_*", "XDG_*", "DBUS_*", "TERM_*", "WINDOWID", "EDITOR",
-    "VISUAL", "PAGER", "MOTD_SHOWN", "HOSTNAME", "INVOCATION_ID", "JOURNAL_STREAM", "SUDO_*",
-    "CARGO*", "RUSTUP*", "RUST_*", "PROCESSES_*", "NO_COLOR",
+    "_",
+    "OLDPWD",
+    "PWD",
+    "SHLVL",
+    "PS1",
+    "PS2",
+    "LS_COLORS",
+    "LSCOLORS",
+    "COLORTERM",
+    "DISPLAY",
+    "MAIL",
+    "HIST*",
+    "LESS*",
+    "SSH_*",
+    "XDG_*",
+    "DBUS_*",
+    "TERM_*",
+    "WINDOWID",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "MOTD_SHOWN",
+    "HOSTNAME",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "SUDO_*",
+    "CARGO*",
+    "RUSTUP*",
+    "RUST_*",
+    "PROCESSES_*",
+    "NO_COLOR",
 ];
 
 /// Which of the master's variables `inherit` keeps from an app's workers that look like
@@ -1595,14 +1622,25 @@ mod tests {
 
     #[test]
     fn withheld_env_names_what_an_app_would_miss_not_the_shells_noise() {
-        let env = ["NODE_ENV", "PATH", "LS_COLORS", "DATABASE_URL", "SSH_TTY", "LC_ALL", "_"];
+        let env = [
+            "NODE_ENV",
+            "PATH",
+            "LS_COLORS",
+            "DATABASE_URL",
+            "SSH_TTY",
+            "LC_ALL",
+            "_",
+        ];
         assert_eq!(
             withheld_env(&InheritEnv::default(), env),
             vec!["DATABASE_URL", "NODE_ENV"]
         );
         assert!(withheld_env(&InheritEnv::All, env).is_empty());
         let some = InheritEnv::parse("NODE_ENV").unwrap();
-        assert_eq!(withheld_env(&some, env), vec!["DATABASE_URL", "LC_ALL", "PATH"]);
+        assert_eq!(
+            withheld_env(&some, env),
+            vec!["DATABASE_URL", "LC_ALL", "PATH"]
+        );
     }
 
     #[test]
