@@ -428,6 +428,10 @@ impl Master {
         {
             return Ok(i);
         }
+        // Node checks the port before it asks; anything else would wrap around a u16.
+        if q.address_type != node::AddressType::Pipe && !(0..=65535).contains(&q.port) {
+            return Err((libc::EINVAL, format!("port {} is out of range", q.port)));
+        }
         // A key is kept for the master's life: a worker must not make it hold megabytes.
         if key.len() > MAX_KEY_LEN {
             return Err((

@@ -1541,6 +1541,27 @@ fn a_refusing_worker_is_offered_connections_again_after_its_pause() {
     );
 }
 
+/// A port above 65 535 is refused (`EINVAL`), not wrapped round onto the app's own port.
+#[test]
+fn a_query_for_a_port_out_of_range_is_refused() {
+    let h = Hostile::start(&["query-port-wrap", "park"], "runtime = \"node\"");
+    let line = h.m.wait_log("is out of range");
+    let port = h.bad_port();
+    assert!(
+        line.contains(&format!(
+            "port {} is out of range",
+            u32::from(port) + 65_536
+        )),
+        "{line}"
+    );
+    let s = h.m.status().unwrap();
+    assert_eq!(
+        app_named(&s, "bad")["listeners"].as_array().unwrap().len(),
+        1,
+        "{s}"
+    );
+}
+
 /// A Node worker that answers `accepted: false` for a connection before settling its
 /// handle, then refuses the handle (NACK): its answer shows it had the handle, so the NACK
 /// must not send that same `newconn` to it again — before, each NACK did, up to 3 times,
