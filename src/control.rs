@@ -205,6 +205,18 @@ pub fn serve(listener: std::os::unix::net::UnixListener, events: mpsc::Sender<Ev
                 let _ = write_reply(&mut stream, &reply).await;
                 continue;
             }
+            // Each client holds an fd until it is answered; a client of our own user that
+            // opens them without end is told no rather than taking every fd.
+            if IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) >= MAX_CLIENTS {
+                let mut stream = stream;
+                let reply = Reply::error(format!(
+                    "busy: {MAX_CLIENTS} control clients are being served; try again"
+                ));
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), write_reply(&mut stream, &reply))
+                        .await;
+                continue;
+            }
             let events = events.clone();
             let guard = InFlight::enter();
             tokio::spawn(async move {
@@ -214,6 +226,9 @@ pub fn serve(listener: std::os::unix::net::UnixListener, events: mpsc::Sender<Ev
         }
     });
 }
+
+/// Control clients served at once (a `reload` waits for its outcome, `top` stays).
+pub const MAX_CLIENTS: usize = 64;
 
 /// Control connections being served; the master waits for them (briefly) before it
 /// exits, so that the client that asked it to stop hears its answer.

@@ -180,15 +180,24 @@ fn describe() {
     );
 }
 
+/// Scrapes served at once; a connection past these is closed at once. Each holds an fd
+/// for up to 10 s, and anyone who can reach the port can open them.
+pub const MAX_SCRAPES: usize = 32;
+
 /// Serves `GET /metrics` (and nothing else) on an already bound listener.
 pub fn serve(listener: std::net::TcpListener, handle: PrometheusHandle) {
     tokio::spawn(async move {
         let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
             return;
         };
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(stream);
                 continue;
             };
             let handle = handle.clone();
@@ -196,6 +205,7 @@ pub fn serve(listener: std::net::TcpListener, handle: PrometheusHandle) {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(10), respond(&mut stream, &handle))
                         .await;
+                drop(slot);
             });
         }
     });

@@ -80,6 +80,8 @@ struct ExecArgs {
     listen_pid_buf: Option<Box<[u8; 32]>>,
     fds: Vec<RawFd>,
     parent: libc::pid_t,
+    /// The open-files limit to start the worker with, if the master raised its own.
+    nofile: Option<libc::rlimit>,
 }
 
 // SAFETY: the raw pointers point into buffers owned by the same struct; the struct is
@@ -138,6 +140,7 @@ pub fn spawn(plan: &SpawnPlan) -> Result<Spawned, SpawnError> {
         listen_pid_buf,
         fds: plan.fds.clone(),
         parent: std::process::id() as libc::pid_t,
+        nofile: crate::unix::starting_nofile(),
     };
 
     let mut cmd = Command::new(&resolved);
@@ -152,7 +155,8 @@ pub fn spawn(plan: &SpawnPlan) -> Result<Spawned, SpawnError> {
         cmd.uid(uid).gid(gid);
     }
     // SAFETY: the closure runs in the child between fork and exec. It only calls
-    // async-signal-safe functions (prctl, getppid, getpid, fcntl, dup2, execve) and writes
+    // async-signal-safe functions (prctl, getppid, getpid, sched_setscheduler, setrlimit,
+    // fcntl, dup2, execve) and writes
     // into buffers allocated before the fork; it never allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || exec_in_child(&mut args));
@@ -192,6 +196,12 @@ fn exec_in_child(a: &mut ExecArgs) -> io::Result<()> {
     let other = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on ourselves with a valid sched_param; no memory effects.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
+    // Likewise the open-files limit the master was started with (it raised its own).
+    if let Some(lim) = a.nofile {
+        // SAFETY: setrlimit with a valid rlimit built before the fork; lowering the soft
+        // limit cannot fail for lack of privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 
     // Move every inherited fd out of the way first, then into place: a source fd may
     // itself sit at one of the target numbers.

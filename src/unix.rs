@@ -234,6 +234,44 @@ pub fn batch_scheduling() -> io::Result<()> {
     Ok(())
 }
 
+/// The soft `RLIMIT_NOFILE` the master was started with, when it raised its own: workers
+/// get this one back before they exec (`spawn`), as if started by anyone else.
+static STARTING_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises the master's soft limit on open fds to its hard limit (at most 2^20), as
+/// systemd advises for a process that holds many: the default soft limit of 1024 is soon
+/// reached by a master with many workers and connections in flight. Returns the limit in
+/// force.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur >= want {
+        return Ok(lim.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit with a valid rlimit, the soft limit within the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = STARTING_NOFILE.set(lim);
+    Ok(want)
+}
+
+/// The fd limit a worker should start with: the master's own before it raised it.
+pub fn starting_nofile() -> Option<libc::rlimit> {
+    STARTING_NOFILE.get().copied()
+}
+
 /// For tests elsewhere: hands `fd` to this process's closer as it is (a lingering socket
 /// stays lingering), so that its close can block there.
 #[cfg(test)]

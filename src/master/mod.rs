@@ -390,6 +390,10 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
     // without a single cross-thread wake-up. Worker output, which a flood can make heavy,
     // is read on a runtime of its own so that it never competes with the loop.
     // Before any thread starts, so that they all inherit it; workers are reset at spawn.
+    match unix::raise_nofile() {
+        Ok(n) => debug!("open files: up to {n}"),
+        Err(e) => debug!("cannot raise the open-files limit ({e})"),
+    }
     if let Err(e) = unix::batch_scheduling() {
         debug!("SCHED_BATCH not available ({e}); the loop keeps the ordinary policy");
     }
@@ -556,13 +560,22 @@ impl Master {
             let names = self.base_env.iter().map(|(k, _)| k.as_str());
             let withheld = crate::config::withheld_env(&p.spec.inherit_env, names);
             if !withheld.is_empty() {
-                let shown = withheld.iter().take(6).copied().collect::<Vec<_>>().join(", ");
+                let shown = withheld
+                    .iter()
+                    .take(6)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let more = withheld.len().saturating_sub(6);
                 info!(
                     "{}: its workers do not get {shown}{} from the master's environment; \
                      `--env K=V` or `inherit_env` passes them",
                     p.spec.name,
-                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }

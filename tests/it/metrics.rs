@@ -781,3 +781,71 @@ fn metrics_on_port_zero_are_logged_where_they_listen() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("processes_"), "{body}");
 }
+
+/// Whoever can reach the metrics port cannot take the master's fds: past
+/// `MAX_SCRAPES` connections at once, more are closed at once; once the idle ones go,
+/// scrapes are answered again.
+#[test]
+fn idle_connections_to_the_metrics_port_are_bounded() {
+    let m = run(&[
+        "-i",
+        "1",
+        "--ready-after",
+        "50ms",
+        "--metrics",
+        "127.0.0.1:0",
+        "--",
+        FIXTURE,
+    ]);
+    let line = m.wait_log("metrics on http://127.0.0.1:");
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("an address in the log line")
+        .to_string();
+    m.wait_ready(1);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    // Idle connections that never send a request.
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // One more, to know the master has taken every one of them: its answer (closed at
+    // once) comes after theirs.
+    let mut last = TcpStream::connect(&addr).unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        last.read(&mut buf).unwrap_or(0),
+        0,
+        "the extra one was served"
+    );
+    let during = fds();
+    assert!(
+        during <= before + processes::metrics::MAX_SCRAPES,
+        "{before} fds before, {during} with 200 idle clients"
+    );
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        if body.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape answered after the idle ones went"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -490,3 +490,42 @@ fn the_loop_runs_sched_batch_and_its_workers_the_ordinary_policy() {
     assert_eq!(policy(m.pid()), libc::SCHED_BATCH);
     assert_eq!(policy(pids(&s)[0]), libc::SCHED_OTHER);
 }
+
+/// The master raises its own open-files limit to the hard limit (it holds an fd per
+/// listener, worker channel and connection in flight), and each worker starts with the
+/// limit the master was started with, as if started by anyone else.
+#[test]
+fn the_master_raises_its_open_files_limit_and_workers_get_the_one_it_started_with() {
+    let soft_and_hard = |pid: i32| -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_string();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols[3].to_string(), cols[4].to_string())
+    };
+    // Start the master below its hard limit (nextest runs each test in a process of its
+    // own, so this changes nothing for the others).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_cur.min(512);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    let ours = soft_and_hard(std::process::id() as i32);
+    assert_eq!(ours.0, lim.rlim_cur.to_string());
+    let m = run(&["-i", "1", "--ready-after", "50ms", "--", FIXTURE]);
+    let s = m.wait_ready(1);
+    let worker = s["apps"][0]["workers"][0]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(soft_and_hard(worker), ours);
+    let hard: u64 = ours.1.parse().unwrap_or(u64::MAX);
+    let (master_soft, master_hard) = soft_and_hard(m.pid());
+    assert_eq!(master_hard, ours.1);
+    assert_eq!(master_soft, hard.min(1 << 20).to_string(), "ours: {ours:?}");
+}
