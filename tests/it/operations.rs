@@ -696,7 +696,7 @@ fn apps_added_to_or_removed_from_the_config_file_start_and_stop() {
     assert_eq!(s["apps"][0]["ready"], 1, "{s}");
     // SIGHUP works too.
     kill(m.pid(), libc::SIGHUP);
-    m.wait_log("a: reload done, 1/1");
+    m.wait_logs("a: reload done, 1/1", 2);
     // New in the file: c starts; back in the file: b starts again.
     file(&m, &["a", "b", "c"]);
     let (code, stdout, stderr) = cli(&m, &["reload"]);
