@@ -196,12 +196,6 @@ fn exec_in_child(a: &mut ExecArgs) -> io::Result<()> {
     let other = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on ourselves with a valid sched_param; no memory effects.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &other) };
-    // Likewise the open-files limit the master was started with (it raised its own).
-    if let Some(lim) = a.nofile {
-        // SAFETY: setrlimit with a valid rlimit built before the fork; lowering the soft
-        // limit cannot fail for lack of privilege.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    }
 
     // Move every inherited fd out of the way first, then into place: a source fd may
     // itself sit at one of the target numbers.
@@ -226,6 +220,15 @@ fn exec_in_child(a: &mut ExecArgs) -> io::Result<()> {
         // SAFETY: getpid cannot fail.
         let pid = unsafe { libc::getpid() };
         write_decimal(&mut buf[11..], pid as u32);
+    }
+
+    // The open-files limit the master was started with (it raised its own): last, for the
+    // copies above may need numbers above it while the master holds many fds; the
+    // close-on-exec ones above it are gone at exec.
+    if let Some(lim) = a.nofile {
+        // SAFETY: setrlimit with a valid rlimit built before the fork; lowering the soft
+        // limit cannot fail for lack of privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
 
     // SAFETY: program, argv and envp are NUL-terminated strings and NULL-terminated arrays

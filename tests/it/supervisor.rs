@@ -493,7 +493,8 @@ fn the_loop_runs_sched_batch_and_its_workers_the_ordinary_policy() {
 
 /// The master raises its own open-files limit to the hard limit (it holds an fd per
 /// listener, worker channel and connection in flight), and each worker starts with the
-/// limit the master was started with, as if started by anyone else.
+/// limit the master was started with, as if started by anyone else — also once the master
+/// holds more fds than that limit (12 workers, 3 fds each, against a limit of 32).
 #[test]
 fn the_master_raises_its_open_files_limit_and_workers_get_the_one_it_started_with() {
     let soft_and_hard = |pid: i32| -> (String, String) {
@@ -515,15 +516,20 @@ fn the_master_raises_its_open_files_limit_and_workers_get_the_one_it_started_wit
     // SAFETY: getrlimit/setrlimit on this process with a valid rlimit.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_cur.min(512);
+        lim.rlim_cur = lim.rlim_cur.min(32);
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
     let ours = soft_and_hard(std::process::id() as i32);
     assert_eq!(ours.0, lim.rlim_cur.to_string());
-    let m = run(&["-i", "1", "--ready-after", "50ms", "--", FIXTURE]);
-    let s = m.wait_ready(1);
-    let worker = s["apps"][0]["workers"][0]["pid"].as_i64().unwrap() as i32;
-    assert_eq!(soft_and_hard(worker), ours);
+    let m = run(&["-i", "12", "--ready-after", "50ms", "--", FIXTURE]);
+    let s = m.wait_ready(12);
+    for w in s["apps"][0]["workers"].as_array().unwrap() {
+        assert_eq!(soft_and_hard(w["pid"].as_i64().unwrap() as i32), ours);
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(fds > 32, "the master holds only {fds} fds");
     let hard: u64 = ours.1.parse().unwrap_or(u64::MAX);
     let (master_soft, master_hard) = soft_and_hard(m.pid());
     assert_eq!(master_hard, ours.1);
