@@ -7,7 +7,7 @@
 //! that is slow, oversize or speaks garbage gets an error reply or a closed connection,
 //! never the master's attention for more than a bounded time.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -344,7 +344,7 @@ pub fn request_with_progress(
     req: &Request,
     mut on_progress: impl FnMut(&str),
 ) -> Result<Value, ClientError> {
-    let mut stream =
+    let stream =
         std::os::unix::net::UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
             source,
@@ -356,7 +356,8 @@ pub fn request_with_progress(
     // A master that refuses us answers and closes without reading, so the write may fail
     // while its answer waits to be read: read first, report the write error only if no
     // answer came.
-    let wrote = stream.write_all(&line);
+    // MSG_NOSIGNAL: a client dies of SIGPIPE only when its own reader goes (main.rs).
+    let wrote = send_all(&stream, &line);
     let mut reader = io::BufReader::new(stream);
     let reply: Reply = loop {
         let mut answer = String::new();
@@ -381,6 +382,23 @@ pub fn request_with_progress(
             reply.error.unwrap_or_else(|| "refused".into()),
         ))
     }
+}
+
+/// Writes all of `buf` without raising SIGPIPE if the peer has gone (`EPIPE` instead).
+fn send_all(stream: &std::os::unix::net::UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        match nix::sys::socket::send(
+            stream.as_raw_fd(),
+            buf,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
