@@ -589,11 +589,11 @@ pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// Checks a sample interval: at least 100 ms, at most a minute.
 /// The longest `down_window` and `down_interval`: an hour of samples is plenty to decide
 /// a scale-down, and the controller keeps one per tick.
 pub const MAX_DOWN_WINDOW: Duration = Duration::from_secs(3600);
 
+/// Checks a sample interval: at least 100 ms, at most a minute.
 pub fn check_sample_interval(d: Duration) -> Result<Duration, String> {
     if d < MIN_SAMPLE_INTERVAL {
         return Err(format!(

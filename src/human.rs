@@ -10,8 +10,9 @@ pub fn duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         _ if ms < 1.0 => format!("{}µs", d.as_micros()),
-        _ if ms < 100.0 => format!("{}ms", trim(format!("{ms:.1}"))),
-        _ if ms < 1000.0 => format!("{ms:.0}ms"),
+        _ if ms < 99.95 => format!("{}ms", trim(format!("{ms:.1}"))),
+        _ if ms < 999.5 => format!("{ms:.0}ms"),
+        _ if ms < 1000.0 => "1s".to_string(),
         0..10 => format!("{}s", trim(format!("{:.2}", d.as_secs_f64()))),
         10..60 => format!("{}s", trim(format!("{:.1}", d.as_secs_f64()))),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
@@ -46,6 +47,8 @@ mod tests {
             (Duration::from_secs(1), "1s"),
             (Duration::from_millis(1_500), "1.5s"),
             (Duration::from_secs(30), "30s"),
+            (Duration::from_micros(999_600), "1s"),
+            (Duration::from_micros(99_960), "100ms"),
             (Duration::from_secs(252), "4m12s"),
             (Duration::from_secs(2 * 3600 + 5 * 60 + 7), "2h05m"),
             (Duration::from_secs(3 * 86400 + 4 * 3600), "3d04h"),

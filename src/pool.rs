@@ -575,12 +575,18 @@ impl Pool {
     }
 
     /// A starting worker that `ready_after` does not make ready: it asked for a listener
-    /// and has not said `listening` yet, or it is a Node worker in a slot whose earlier
-    /// worker listened.
+    /// and has not said `listening` yet, or it is a Node reload replacement in a slot whose
+    /// earlier worker listened. (A reload gives up on a replacement after its timeout; a
+    /// crash restart or a `restart`/`max_memory` replacement has none, so `ready_after`
+    /// still applies to them.)
     fn waits_for_listening(&self, w: &Worker) -> bool {
         w.listen_pending
             || (self.spec.runtime == crate::config::Runtime::Node
-                && self.slots.get(&w.slot).is_some_and(|s| s.listened))
+                && self.reload.is_some()
+                && self
+                    .slots
+                    .get(&w.slot)
+                    .is_some_and(|s| s.listened && s.incoming == Some(w.id)))
     }
 
     /// Marks a worker ready. Returns the worker it replaces and why, if it was a
@@ -1027,20 +1033,29 @@ mod tests {
     }
 
     #[test]
-    fn once_a_node_slot_listened_ready_after_does_not_make_its_next_worker_ready() {
+    fn a_reload_replacement_in_a_slot_that_listened_waits_for_listening() {
         let mut node = spec(Sizing::Fixed(1));
         node.runtime = crate::config::Runtime::Node;
         let mut p = Pool::new(node);
         let t0 = Instant::now();
         let mut id = 0;
         apply(&mut p, t0, &mut id);
+        let old = p.slots[&0].current.unwrap();
+        p.on_ready(old, t0);
+        p.start_reload(None, 1, Duration::from_secs(30), t0);
+        apply(&mut p, t0, &mut id);
+        assert!(p.slots[&0].incoming.is_some());
         let later = t0 + p.spec.ready_after;
+        // The old worker never listened (a worker with a job of its own): ready_after.
         assert!(marks_ready(&p.plan(later)));
         p.slots.get_mut(&0).unwrap().listened = true;
         assert!(!marks_ready(&p.plan(later)));
-        assert_eq!(p.next_deadline(), None);
         // A generic app's workers have no `listening` to wait for.
         p.spec.runtime = crate::config::Runtime::Generic;
+        assert!(marks_ready(&p.plan(later)));
+        // Outside a reload (a crash restart, a `restart`), ready_after still applies.
+        p.spec.runtime = crate::config::Runtime::Node;
+        p.reload = None;
         assert!(marks_ready(&p.plan(later)));
     }
 

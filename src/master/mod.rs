@@ -219,6 +219,30 @@ fn listen_field(config_file: bool, app: &AppSpec, i: usize) -> String {
     }
 }
 
+/// What bringing the apps in line with the config file did (`sync_apps`).
+#[derive(Default)]
+pub(super) struct Synced {
+    /// Each change, as logged.
+    pub lines: Vec<String>,
+    /// Apps it started (new, or back): they need no reload.
+    pub started: Vec<usize>,
+    /// What it could not do.
+    pub failures: Vec<String>,
+}
+
+impl Synced {
+    fn say(&mut self, line: String) {
+        info!("{line}");
+        self.lines.push(line);
+    }
+
+    fn fail(&mut self, line: String) {
+        error!("{line}");
+        self.lines.push(line.clone());
+        self.failures.push(line);
+    }
+}
+
 struct Queued {
     fd: crate::channel::SharedFd,
     /// Times a worker answered `accepted: false` for it.
@@ -510,6 +534,9 @@ pub fn run(opts: Options) -> Result<i32, StartError> {
             // Graceful stop: the keys go now, not when the lease runs out.
             registry.shutdown(Duration::from_secs(2)).await;
         }
+        // The listeners go first (a unix socket's file with them): a client that saw the
+        // control socket go, as `processes stop` waits to, may bind the same path at once.
+        master.listeners.clear();
         let _ = std::fs::remove_file(&control_path);
         Ok(code)
     });
@@ -552,32 +579,8 @@ impl Master {
                 self.pools[l.app].spec.name, l.listener.local
             );
         }
-        for (app, p) in self.pools.iter().enumerate() {
-            let listens = self.listeners.iter().any(|l| l.app == app);
-            if let Some(hint) = crate::config::wrapper_hint(&p.spec, listens) {
-                warn!("{}: {hint}", p.spec.name);
-            }
-            let names = self.base_env.iter().map(|(k, _)| k.as_str());
-            let withheld = crate::config::withheld_env(&p.spec.inherit_env, names);
-            if !withheld.is_empty() {
-                let shown = withheld
-                    .iter()
-                    .take(6)
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let more = withheld.len().saturating_sub(6);
-                info!(
-                    "{}: its workers do not get {shown}{} from the master's environment; \
-                     `--env K=V` or `inherit_env` passes them",
-                    p.spec.name,
-                    if more > 0 {
-                        format!(" and {more} more")
-                    } else {
-                        String::new()
-                    }
-                );
-            }
+        for app in 0..self.pools.len() {
+            self.announce_app(app);
         }
         info!(
             "master pid {} ready; control socket {}",
@@ -1255,20 +1258,25 @@ impl Master {
         );
         warn!("{msg}");
         self.reload_ended(app, r.replaced, r.total, Some(msg));
+        // systemd was told RELOADING=1 when it began (a stopping master says STOPPING=1).
+        if self.shutdown.is_none() && self.pools.iter().all(|p| p.reload.is_none()) {
+            let _ = crate::notify::notify_parent("READY=1");
+        }
     }
 
     /// Stops one app for good: its workers drain, its slots are not refilled.
     fn stop_app(&mut self, app: usize, now: Instant) {
-        self.stop_app_because(app, now, "processes stop");
-    }
-
-    fn stop_app_because(&mut self, app: usize, now: Instant, why: &str) {
-        info!("{}: stopping ({why})", self.pools[app].spec.name);
         let start = format!(
             "the app was stopped; `processes start {}` runs it with the new settings",
             self.pools[app].spec.name
         );
-        self.cancel_reload(app, &start);
+        self.stop_app_because(app, now, "processes stop", &start);
+    }
+
+    /// Stops an app for `why`; a reload of it that runs ends, its clients told `reload_note`.
+    fn stop_app_because(&mut self, app: usize, now: Instant, why: &str, reload_note: &str) {
+        info!("{}: stopping ({why})", self.pools[app].spec.name);
+        self.cancel_reload(app, reload_note);
         let pool = &mut self.pools[app];
         pool.stopping = true;
         for s in pool.slots.values_mut() {
@@ -1321,80 +1329,129 @@ impl Master {
     /// Brings the running apps in line with the config file, as `supervisorctl update`
     /// does: an app new in it starts; an app gone from it stops (it stays listed as
     /// stopped, and its listeners stay bound, until the master restarts); an app that
-    /// comes back starts again with the file's settings. Returns what it did, as told to
-    /// the log.
-    fn sync_apps(&mut self, fresh: &Config, now: Instant) -> Vec<String> {
-        let mut said = Vec::new();
+    /// comes back starts again with the file's settings.
+    fn sync_apps(&mut self, fresh: &Config, now: Instant) -> Synced {
+        let mut done = Synced::default();
+        if self.shutdown.is_some() {
+            // Nothing starts while the master stops.
+            return done;
+        }
         for app in 0..self.pools.len() {
             let name = self.pools[app].spec.name.clone();
             if self.removed.contains(&app) || fresh.apps.iter().any(|a| a.name == name) {
                 continue;
             }
-            self.cancel_reload(app, "the app is gone from the config file");
-            self.stop_app_because(app, now, "gone from the config file");
+            self.stop_app_because(
+                app,
+                now,
+                "gone from the config file",
+                "the app is gone from the config file",
+            );
             self.removed.insert(app);
-            said.push(format!(
+            done.say(format!(
                 "{name}: gone from the config file; stopped (its listeners stay bound until \
                  the master restarts)"
             ));
         }
         for spec in &fresh.apps {
-            let line = match self.find_app(spec.name.as_str()) {
+            match self.find_app(spec.name.as_str()) {
                 None => match self.add_app(spec.clone()) {
-                    Ok(app) => format!(
-                        "{}: new in the config file; starting {} worker{}",
-                        spec.name,
-                        self.pools[app].target,
-                        if self.pools[app].target == 1 { "" } else { "s" }
-                    ),
-                    Err(e) => {
-                        let line =
-                            format!("{}: new in the config file but not started: {e}", spec.name);
-                        error!("{line}");
-                        said.push(line);
-                        continue;
+                    Ok(app) => {
+                        let n = self.pools[app].target;
+                        done.started.push(app);
+                        done.say(format!(
+                            "{}: new in the config file; starting {n} worker{}",
+                            spec.name,
+                            if n == 1 { "" } else { "s" }
+                        ));
+                        self.announce_app(app);
                     }
+                    Err(e) => done.fail(format!(
+                        "{}: new in the config file but not started: {e}",
+                        spec.name
+                    )),
                 },
                 Some(app) if self.removed.contains(&app) => {
-                    if spec.listen != self.pools[app].spec.listen {
-                        let line = format!(
+                    if !self.take_settings_of_stopped(app, spec) {
+                        done.fail(format!(
                             "{}: back in the config file with other listen addresses; \
                              listeners stay bound for the master's life, so it needs a \
                              restart of the master",
                             spec.name
-                        );
-                        error!("{line}");
-                        said.push(line);
+                        ));
                         continue;
                     }
                     self.removed.remove(&app);
-                    let pool = &mut self.pools[app];
-                    if pool.spec != *spec {
-                        pool.spec = spec.clone();
-                        pool.generation += 1;
-                    }
-                    self.apply_sizing(app, "");
                     self.pools[app].start_now();
                     self.dirty = true;
-                    format!("{}: back in the config file; starting it", spec.name)
+                    done.started.push(app);
+                    done.say(format!(
+                        "{}: back in the config file; starting it",
+                        spec.name
+                    ));
                 }
-                Some(_) => continue,
-            };
-            info!("{line}");
-            said.push(line);
+                Some(_) => {}
+            }
         }
-        said
+        done
+    }
+
+    /// A stopped app takes `spec` as its settings, for `processes start` (or its return
+    /// to the config file) to run; false, and nothing changes, if its listen addresses
+    /// differ (listeners stay bound for the master's life).
+    fn take_settings_of_stopped(&mut self, app: usize, spec: &AppSpec) -> bool {
+        let pool = &mut self.pools[app];
+        if spec.listen != pool.spec.listen {
+            return false;
+        }
+        if pool.spec != *spec {
+            pool.spec = spec.clone();
+            pool.generation += 1;
+            self.apply_sizing(app, "");
+        }
+        true
     }
 
     /// `sync_apps` with the config file as it is now, if there is one and it reads.
     /// (A file that does not read is reported by the reload that follows.)
-    pub(super) fn sync_apps_with_file(&mut self, now: Instant) -> Vec<String> {
+    pub(super) fn sync_apps_with_file(&mut self, now: Instant) -> Synced {
         let Some(path) = &self.config_file else {
-            return Vec::new();
+            return Synced::default();
         };
         match crate::config::load_file(path) {
             Ok(fresh) => self.sync_apps(&fresh, now),
-            Err(_) => Vec::new(),
+            Err(_) => Synced::default(),
+        }
+    }
+
+    /// What the master says of an app when it starts: a hint when a package manager
+    /// stands between it and Node, and the variables its workers do not get.
+    fn announce_app(&self, app: usize) {
+        let p = &self.pools[app];
+        let listens = self.listeners.iter().any(|l| l.app == app);
+        if let Some(hint) = crate::config::wrapper_hint(&p.spec, listens) {
+            warn!("{}: {hint}", p.spec.name);
+        }
+        let names = self.base_env.iter().map(|(k, _)| k.as_str());
+        let withheld = crate::config::withheld_env(&p.spec.inherit_env, names);
+        if !withheld.is_empty() {
+            let shown = withheld
+                .iter()
+                .take(6)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = withheld.len().saturating_sub(6);
+            info!(
+                "{}: its workers do not get {shown}{} from the master's environment; \
+                 `--env K=V` or `inherit_env` passes them",
+                p.spec.name,
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
 
@@ -1509,9 +1566,9 @@ impl Master {
 
     fn on_sighup(&mut self) {
         info!("SIGHUP: rolling reload of every app");
-        self.sync_apps_with_file(Instant::now());
+        let synced = self.sync_apps_with_file(Instant::now());
         let all: Vec<usize> = (0..self.pools.len())
-            .filter(|&i| !self.pools[i].stopping)
+            .filter(|&i| !self.pools[i].stopping && !synced.started.contains(&i))
             .collect();
         if let Err(e) = self.reload_apps(&all, 1) {
             error!("reload: {e}; keeping the running configuration");
@@ -1547,30 +1604,36 @@ impl Master {
                 return;
             }
         };
-        if edited {
-            self.sync_apps(&fresh, Instant::now());
-        }
+        let started = if edited {
+            self.sync_apps(&fresh, Instant::now()).started
+        } else {
+            Vec::new()
+        };
         // A stopped app takes its new settings as they are: `processes start` runs them.
         for i in 0..self.pools.len() {
-            let pool = &mut self.pools[i];
-            if !pool.stopping || self.shutdown.is_some() {
+            if !self.pools[i].stopping || self.shutdown.is_some() || self.removed.contains(&i) {
                 continue;
             }
-            if let Some(a) = fresh.apps.iter().find(|a| a.name == pool.spec.name)
-                && *a != pool.spec
-                && a.listen == pool.spec.listen
-            {
-                pool.spec = a.clone();
-                pool.generation += 1;
+            let name = self.pools[i].spec.name.clone();
+            let Some(a) = fresh.apps.iter().find(|a| a.name == name) else {
+                continue;
+            };
+            if *a == self.pools[i].spec {
+                continue;
+            }
+            if self.take_settings_of_stopped(i, a) {
                 info!(
-                    "{}: settings changed while it is stopped; `processes start {}` runs them",
-                    a.name, a.name
+                    "{name}: settings changed while it is stopped; `processes start {name}` runs them"
                 );
-                self.apply_sizing(i, "");
+            } else {
+                warn!(
+                    "{name}: its listen addresses changed while it is stopped; listeners stay \
+                     bound for the master's life, so that needs a restart of the master"
+                );
             }
         }
         let (changed, reloading): (Vec<usize>, Vec<usize>) = (0..self.pools.len())
-            .filter(|&i| !self.pools[i].stopping)
+            .filter(|&i| !self.pools[i].stopping && !started.contains(&i))
             .filter(|&i| {
                 let current = &self.pools[i].spec;
                 fresh

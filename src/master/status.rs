@@ -24,27 +24,30 @@ impl Master {
             Request::Status { app } => self.status(app.as_deref(), now),
             Request::Scale { app, n, min, max } => self.scale_request(&app, n, min, max),
             Request::Reload { app, batch } => {
+                let mut sync_failures = Vec::new();
                 let targets: Vec<usize> = match &app {
                     Some(a) => match self.find_app(a) {
                         Some(i) => vec![i],
                         None => return responder.reply(Reply::error(format!("no app named {a}"))),
                     },
                     None => {
-                        // The whole config: apps new in the file start, apps gone stop.
-                        for line in self.sync_apps_with_file(now) {
-                            responder.progress(line);
+                        // The whole config: apps new in the file start, apps gone stop;
+                        // those just started need no reload.
+                        let synced = self.sync_apps_with_file(now);
+                        for line in &synced.lines {
+                            responder.progress(line.clone());
                         }
-                        (0..self.pools.len()).collect()
+                        sync_failures = synced.failures;
+                        (0..self.pools.len())
+                            .filter(|i| !synced.started.contains(i))
+                            .collect()
                     }
                 };
                 // A stopped app is not reloaded: `processes start` runs it again.
                 if let [i] = targets[..]
                     && self.pools[i].stopping
                 {
-                    let name = &self.pools[i].spec.name;
-                    return responder.reply(Reply::error(format!(
-                        "{name} is stopped; `processes start {name}` runs it again"
-                    )));
+                    return responder.reply(Reply::error(self.why_stopped(i)));
                 }
                 let targets: Vec<usize> = targets
                     .into_iter()
@@ -69,7 +72,11 @@ impl Master {
                 match started.map(|s| (s, running)) {
                     Err(e) => Reply::error(e),
                     Ok((started, running)) if started.is_empty() && running.is_empty() => {
-                        Reply::ok(serde_json::json!({"replaced": 0}))
+                        if sync_failures.is_empty() {
+                            Reply::ok(serde_json::json!({"replaced": 0}))
+                        } else {
+                            Reply::error(sync_failures.join("; "))
+                        }
                     }
                     Ok((mut started, running)) => {
                         for &i in &started {
@@ -84,7 +91,7 @@ impl Master {
                         started.extend(running);
                         self.reload_waiters.push(ReloadWaiter {
                             pending: started.into_iter().collect(),
-                            failures: Vec::new(),
+                            failures: sync_failures,
                             replaced: 0,
                             responder,
                         });
@@ -96,6 +103,7 @@ impl Master {
                 let Some(i) = self.find_app(&app) else {
                     return responder.reply(Reply::error(format!("no app named {app}")));
                 };
+                let why_stopped = self.why_stopped(i);
                 let pool = &mut self.pools[i];
                 match pool.slots.get(&slot).and_then(|s| s.current) {
                     Some(id) if pool.replace_slot(id, StopReason::Restart) => {
@@ -105,9 +113,7 @@ impl Master {
                     Some(_) => Reply::error(format!(
                         "{app} slot {slot} is already being replaced; wait for it to finish"
                     )),
-                    None if pool.stopping => Reply::error(format!(
-                        "{app} is stopped; `processes start {app}` runs it again"
-                    )),
+                    None if pool.stopping => Reply::error(why_stopped),
                     None if pool.slots.contains_key(&slot) => Reply::error(format!(
                         "{app} slot {slot} has no running worker (it is waiting to restart after \
                          crashes); `processes start {app}` restarts it now"
@@ -133,6 +139,7 @@ impl Master {
                 Some(_) if self.shutdown.is_some() => {
                     Reply::error("the master is shutting down; start it again instead")
                 }
+                Some(i) if self.removed.contains(&i) => Reply::error(self.why_stopped(i)),
                 Some(i) => {
                     let was_stopped = self.pools[i].stopping;
                     let started = self.pools[i].start_now();
@@ -202,9 +209,7 @@ impl Master {
             return Reply::error(format!("no app named {app}"));
         };
         if self.pools[i].stopping {
-            return Reply::error(format!(
-                "{app} is stopped; `processes start {app}` runs it again"
-            ));
+            return Reply::error(self.why_stopped(i));
         }
         let before = self.pools[i].target;
         let mut autoscale_stopped = false;
@@ -307,6 +312,19 @@ impl Master {
             }
         }
         self.reload_waiters = still;
+    }
+
+    /// Why a stopped app does not do what was asked, and how to run it again.
+    fn why_stopped(&self, i: usize) -> String {
+        let name = &self.pools[i].spec.name;
+        if self.removed.contains(&i) {
+            format!(
+                "{name} is gone from the config file and stopped; put it back and run \
+                 `processes reload` to start it"
+            )
+        } else {
+            format!("{name} is stopped; `processes start {name}` runs it again")
+        }
     }
 
     pub(super) fn find_app(&self, name: &str) -> Option<usize> {
