@@ -185,6 +185,16 @@ pub fn monotonic_usec() -> u64 {
 mod tests {
     use super::*;
 
+    fn datagram_socket() -> std::os::fd::OwnedFd {
+        socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn parses_the_usual_states() {
         let n = Notice::parse("READY=1\nSTATUS=serving on 8080\nMAINPID=12");
@@ -199,13 +209,7 @@ mod tests {
     async fn a_datagram_arrives_with_the_senders_pid() {
         let sock = NotifySocket::bind().unwrap();
         let name = sock.env_value.strip_prefix('@').unwrap().to_string();
-        let client = socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let client = datagram_socket();
         let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
         nix::sys::socket::sendto(client.as_raw_fd(), b"READY=1", &addr, MsgFlags::empty()).unwrap();
         let (pid, notice) = sock.recv().await.unwrap();
@@ -230,13 +234,7 @@ mod tests {
         let sock = NotifySocket::bind().unwrap();
         let name = sock.env_value.strip_prefix('@').unwrap().to_string();
         let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
-        let client = socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let client = datagram_socket();
         for _ in 0..3 {
             let fds = [file.as_raw_fd(); 4];
             sendmsg(

@@ -960,20 +960,10 @@ mod tests {
         let mut id = 0;
         apply(&mut p, t0, &mut id);
         // Slots 0..3 become ready with different loads; slot 3 restarts and is starting.
-        for (slot, busy) in [(0u32, 0.9), (1, 0.1), (2, 0.5)] {
-            let w = p.slots[&slot].current.unwrap();
-            p.on_ready(w, t0);
-            p.workers.get_mut(&w).unwrap().busy = Some(busy);
-        }
+        ready_with_loads(&mut p, t0, &[(0, 0.9), (1, 0.1), (2, 0.5)]);
         assert_eq!(p.shrink_order(), vec![3, 1, 2, 0]);
         p.set_target(2);
-        let stopped: Vec<_> = apply(&mut p, t0, &mut id)
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Stop { worker, .. } => Some(p.workers[&worker].slot),
-                _ => None,
-            })
-            .collect();
+        let stopped = stopped_slots(&mut p, t0, &mut id);
         assert_eq!(stopped, vec![3, 1]);
         assert_eq!(p.slots.len(), 2);
         assert_eq!(p.size(), 2);
@@ -988,22 +978,12 @@ mod tests {
         apply(&mut p, t0, &mut id);
         // Slot 0 is the least busy and slot 1 waits out a crash: under autoscaling they
         // would go first. A fixed size keeps its slots 0…N−1 (PROCESSES_WORKER_ID).
-        for (slot, busy) in [(0u32, 0.0), (2, 0.5), (3, 0.9)] {
-            let w = p.slots[&slot].current.unwrap();
-            p.on_ready(w, t0);
-            p.workers.get_mut(&w).unwrap().busy = Some(busy);
-        }
+        ready_with_loads(&mut p, t0, &[(0, 0.0), (2, 0.5), (3, 0.9)]);
         let w1 = p.slots[&1].current.unwrap();
         p.on_exit(w1, ExitKind::Code(1), t0, 0.5);
         assert_eq!(p.shrink_order(), vec![3, 2, 1, 0]);
         p.set_target(2);
-        let stopped: Vec<_> = apply(&mut p, t0, &mut id)
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Stop { worker, .. } => Some(p.workers[&worker].slot),
-                _ => None,
-            })
-            .collect();
+        let stopped = stopped_slots(&mut p, t0, &mut id);
         assert_eq!(stopped, vec![3, 2]);
         assert_eq!(p.slots.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
     }
@@ -1057,6 +1037,26 @@ mod tests {
         p.spec.runtime = crate::config::Runtime::Node;
         p.reload = None;
         assert!(marks_ready(&p.plan(later)));
+    }
+
+    /// The workers in these slots become ready, each with its busy fraction.
+    fn ready_with_loads(p: &mut Pool, t0: Instant, loads: &[(u32, f64)]) {
+        for &(slot, busy) in loads {
+            let w = p.slots[&slot].current.unwrap();
+            p.on_ready(w, t0);
+            p.workers.get_mut(&w).unwrap().busy = Some(busy);
+        }
+    }
+
+    /// Applies a plan; the slots of the workers it stopped.
+    fn stopped_slots(p: &mut Pool, t0: Instant, id: &mut u64) -> Vec<u32> {
+        apply(p, t0, id)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Stop { worker, .. } => Some(p.workers[&worker].slot),
+                _ => None,
+            })
+            .collect()
     }
 
     fn marks_ready(actions: &[Action]) -> bool {

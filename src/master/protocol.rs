@@ -443,42 +443,30 @@ impl Master {
             ));
         }
         // A port the app configured with `listen` is that listener, however it is asked
-        // for (`listen(3000)`, `listen(3000, '0.0.0.0')`…), up to a few ways.
-        if q.port > 0
-            && !q.address_type.is_udp()
-            && let Some(i) = self.listeners.iter().position(|l| {
-                l.app == app && l.configured && l.listener.port() == Some(q.port as u16)
-            })
-        {
+        // for (`listen(3000)`, `listen(3000, '0.0.0.0')`…), up to a few ways; likewise a
+        // unix socket it configured, asked for by its path (`listen(path)`: a relative
+        // path is the worker's, so relative to the app's `cwd`).
+        let cwd = self.pools[app].spec.cwd.as_deref();
+        let configured = self.listeners.iter().position(|l| {
+            l.app == app
+                && l.configured
+                && match (&l.listener.local, q.address.as_deref()) {
+                    (ListenAddr::Tcp(a), _) => {
+                        q.port > 0 && !q.address_type.is_udp() && a.port() == q.port as u16
+                    }
+                    (ListenAddr::Unix(p), Some(path)) => {
+                        q.address_type == node::AddressType::Pipe && same_path(p, path, cwd)
+                    }
+                    (ListenAddr::Unix(_), None) => false,
+                }
+        });
+        if let Some(i) = configured {
             if self.listeners[i].keys.len() >= MAX_KEYS_PER_LISTENER {
                 return Err((
                     libc::EADDRINUSE,
                     format!(
-                        "its workers already asked for this port in {MAX_KEYS_PER_LISTENER} \
+                        "its workers already asked for this address in {MAX_KEYS_PER_LISTENER} \
                          different ways (addresses or flags), the most an app may"
-                    ),
-                ));
-            }
-            self.listeners[i].keys.insert(key.to_string());
-            return Ok(i);
-        }
-        // Likewise a unix socket the app configured, asked for by its path (`listen(path)`;
-        // a relative path is the worker's, so relative to the app's `cwd`).
-        if q.address_type == node::AddressType::Pipe
-            && let Some(path) = q.address.as_deref()
-            && let Some(i) = self.listeners.iter().position(|l| {
-                l.app == app
-                    && l.configured
-                    && matches!(&l.listener.local, ListenAddr::Unix(p)
-                        if same_path(p, path, self.pools[app].spec.cwd.as_deref()))
-            })
-        {
-            if self.listeners[i].keys.len() >= MAX_KEYS_PER_LISTENER {
-                return Err((
-                    libc::EADDRINUSE,
-                    format!(
-                        "its workers already asked for this path in {MAX_KEYS_PER_LISTENER} \
-                         different ways, the most an app may"
                     ),
                 ));
             }

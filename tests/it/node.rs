@@ -1189,7 +1189,7 @@ fn each_serves_a_fair_part(m: &Master, port: u16, ready: &[i32]) {
 #[test]
 fn made_up_keys_neither_divert_connections_nor_grow_the_master() {
     let (m, port, ready) = two_workers_on_a_configured_port("odd_keys.js", "ODD_KEYS=after");
-    m.wait_log("already asked for this port in 16 different ways");
+    m.wait_log("already asked for this address in 16 different ways");
     m.wait_log("its address is 6");
     each_serves_a_fair_part(&m, port, &ready);
 }
