@@ -1016,14 +1016,7 @@ mod tests {
     fn a_reload_replacement_in_a_slot_that_listened_waits_for_listening() {
         let mut node = spec(Sizing::Fixed(1));
         node.runtime = crate::config::Runtime::Node;
-        let mut p = Pool::new(node);
-        let t0 = Instant::now();
-        let mut id = 0;
-        apply(&mut p, t0, &mut id);
-        let old = p.slots[&0].current.unwrap();
-        p.on_ready(old, t0);
-        p.start_reload(None, 1, Duration::from_secs(30), t0);
-        apply(&mut p, t0, &mut id);
+        let (mut p, t0, _, _) = reloading_one(node);
         assert!(p.slots[&0].incoming.is_some());
         let later = t0 + p.spec.ready_after;
         // The old worker never listened (a worker with a job of its own): ready_after.
@@ -1037,6 +1030,20 @@ mod tests {
         p.spec.runtime = crate::config::Runtime::Node;
         p.reload = None;
         assert!(marks_ready(&p.plan(later)));
+    }
+
+    /// A pool of one ready worker whose reload has started its replacement: the pool,
+    /// the time it all happened, the next worker id and the old worker.
+    fn reloading_one(s: AppSpec) -> (Pool, Instant, u64, WorkerId) {
+        let mut p = Pool::new(s);
+        let t0 = Instant::now();
+        let mut id = 0;
+        apply(&mut p, t0, &mut id);
+        let old = p.slots[&0].current.unwrap();
+        p.on_ready(old, t0);
+        p.start_reload(None, 1, Duration::from_secs(30), t0);
+        apply(&mut p, t0, &mut id);
+        (p, t0, id, old)
     }
 
     /// The workers in these slots become ready, each with its busy fraction.
@@ -1175,14 +1182,7 @@ mod tests {
     fn a_reload_times_out_when_the_replacement_never_gets_ready() {
         let mut s = spec(Sizing::Fixed(1));
         s.ready_after = Duration::from_secs(3600);
-        let mut p = Pool::new(s);
-        let t0 = Instant::now();
-        let mut id = 0;
-        apply(&mut p, t0, &mut id);
-        let old = p.slots[&0].current.unwrap();
-        p.on_ready(old, t0);
-        p.start_reload(None, 1, Duration::from_secs(30), t0);
-        apply(&mut p, t0, &mut id);
+        let (mut p, t0, mut id, old) = reloading_one(s);
         let a = apply(&mut p, t0 + Duration::from_secs(31), &mut id);
         assert!(
             a.iter()
