@@ -146,6 +146,16 @@ pub enum Runtime {
     Generic,
 }
 
+impl Runtime {
+    /// As it is written in a config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Runtime::Node => "node",
+            Runtime::Generic => "generic",
+        }
+    }
+}
+
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -757,6 +767,31 @@ pub fn looks_like_node(command: &[String]) -> bool {
             .unwrap_or("");
         base == "node" || base == "nodejs"
     })
+}
+
+/// Why an app's new settings cannot be taken while the master runs, if they cannot: its
+/// listeners are bound once, for the master's life, in the mode its dispatch and runtime
+/// asked for then (accepted by the master, or inherited by workers; non-blocking for Node).
+pub fn needs_restart(current: &AppSpec, new: &AppSpec) -> Option<String> {
+    let name = &current.name;
+    if new.listen != current.listen {
+        return Some(format!(
+            "apps.{name}.listen changed; listeners stay bound for the master's life, so \
+             changing them needs a restart"
+        ));
+    }
+    let mode = |a: &AppSpec| (a.dispatch().passes(), a.runtime == Runtime::Node);
+    if !current.listen.is_empty() && mode(new) != mode(current) {
+        return Some(format!(
+            "apps.{name}: dispatch {} → {} (runtime {} → {}) changes how its listeners are \
+             served, which is set when they are bound; that needs a restart",
+            current.dispatch().as_str(),
+            new.dispatch().as_str(),
+            current.runtime.as_str(),
+            new.runtime.as_str()
+        ));
+    }
+    None
 }
 
 /// The master sets `PORT` to the first TCP listen address's port; a different `PORT` in
@@ -1640,6 +1675,31 @@ mod tests {
         assert_eq!(
             withheld_env(&some, env),
             vec!["DATABASE_URL", "LC_ALL", "PATH"]
+        );
+    }
+
+    #[test]
+    fn a_change_of_listen_or_of_how_listeners_are_served_needs_a_restart() {
+        let app = |extra: &str| {
+            let text = format!("[apps.a]\ncommand = [\"sh\"]\n{extra}");
+            parse_str(&text, "config t", None).unwrap().apps.remove(0)
+        };
+        let shared = app("listen = \":0\"");
+        let passed = app("listen = \":0\"\ndispatch = \"round-robin\"");
+        let least = app("listen = \":0\"\ndispatch = \"least-loaded\"");
+        let why = needs_restart(&shared, &passed).unwrap();
+        assert!(why.contains("dispatch shared → round-robin"), "{why}");
+        // Both pass connections: the listener is served the same way.
+        assert_eq!(needs_restart(&passed, &least), None);
+        assert!(needs_restart(&shared, &app("listen = \":1\"")).is_some());
+        // No listener, nothing bound: anything goes.
+        assert_eq!(
+            needs_restart(&app(""), &app("dispatch = \"round-robin\"")),
+            None
+        );
+        assert_eq!(
+            needs_restart(&shared, &app("listen = \":0\"\ninstances = 3")),
+            None
         );
     }
 

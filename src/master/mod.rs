@@ -1372,13 +1372,8 @@ impl Master {
                     )),
                 },
                 Some(app) if self.removed.contains(&app) => {
-                    if !self.take_settings_of_stopped(app, spec) {
-                        done.fail(format!(
-                            "{}: back in the config file with other listen addresses; \
-                             listeners stay bound for the master's life, so it needs a \
-                             restart of the master",
-                            spec.name
-                        ));
+                    if let Err(why) = self.take_settings_of_stopped(app, spec) {
+                        done.fail(format!("{}: back in the config file, but {why}", spec.name));
                         continue;
                     }
                     self.removed.remove(&app);
@@ -1397,19 +1392,19 @@ impl Master {
     }
 
     /// A stopped app takes `spec` as its settings, for `processes start` (or its return
-    /// to the config file) to run; false, and nothing changes, if its listen addresses
-    /// differ (listeners stay bound for the master's life).
-    fn take_settings_of_stopped(&mut self, app: usize, spec: &AppSpec) -> bool {
+    /// to the config file) to run; if they need a restart of the master (its listeners'
+    /// addresses or mode), nothing changes and that is the error.
+    fn take_settings_of_stopped(&mut self, app: usize, spec: &AppSpec) -> Result<(), String> {
         let pool = &mut self.pools[app];
-        if spec.listen != pool.spec.listen {
-            return false;
+        if let Some(why) = crate::config::needs_restart(&pool.spec, spec) {
+            return Err(why);
         }
         if pool.spec != *spec {
             pool.spec = spec.clone();
             pool.generation += 1;
             self.apply_sizing(app, "");
         }
-        true
+        Ok(())
     }
 
     /// `sync_apps` with the config file as it is now, if there is one and it reads.
@@ -1621,15 +1616,11 @@ impl Master {
             if *a == self.pools[i].spec {
                 continue;
             }
-            if self.take_settings_of_stopped(i, a) {
-                info!(
+            match self.take_settings_of_stopped(i, a) {
+                Ok(()) => info!(
                     "{name}: settings changed while it is stopped; `processes start {name}` runs them"
-                );
-            } else {
-                warn!(
-                    "{name}: its listen addresses changed while it is stopped; listeners stay \
-                     bound for the master's life, so that needs a restart of the master"
-                );
+                ),
+                Err(why) => warn!("{name} is stopped and keeps its settings: {why}"),
             }
         }
         let (changed, reloading): (Vec<usize>, Vec<usize>) = (0..self.pools.len())
@@ -1683,13 +1674,12 @@ impl Master {
                             current.name
                         ));
                     }
-                    Some(a) if a.listen != current.listen => {
-                        return Err(format!(
-                            "apps.{}.listen changed; listeners stay bound for the master's life, so changing them needs a restart",
-                            current.name
-                        ));
+                    Some(a) => {
+                        if let Some(why) = crate::config::needs_restart(current, a) {
+                            return Err(why);
+                        }
+                        Some(a.clone())
                     }
-                    Some(a) => Some(a.clone()),
                 },
             };
             specs.push((app, new_spec));
