@@ -915,3 +915,31 @@ fn a_fixed_size_shrinks_from_its_highest_slots() {
     pid_of_slot(&s, 0);
     pid_of_slot(&s, 1);
 }
+
+/// A reload cannot change what a listener is bound as: a new `listen`, or a `dispatch`
+/// that turns passing into sharing, is refused with one error and the app runs on as it
+/// was.
+#[test]
+fn a_reload_that_would_change_a_listener_is_refused() {
+    let config = |dispatch: &str, listen: &str| {
+        format!(
+            "sample_interval = \"60s\"\n[apps.web]\ncommand = [\"{FIXTURE}\", \"serve\"]\n\
+             instances = 2\nready_after = \"50ms\"\nlisten = \"{listen}\"\ndispatch = \"{dispatch}\"\n"
+        )
+    };
+    let m = run_config(&config("round-robin", "127.0.0.1:0"), &[]);
+    let before = pids(&m.wait_ready(2));
+    for (dispatch, listen, why) in [
+        ("shared", "127.0.0.1:0", "dispatch round-robin → shared"),
+        ("round-robin", "127.0.0.2:0", "apps.web.listen changed"),
+    ] {
+        std::fs::write(m.path().join("processes.toml"), config(dispatch, listen)).unwrap();
+        let (code, stdout, stderr) = cli(&m, &["reload"]);
+        assert_eq!(code, Some(2), "{stdout}{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+        assert!(stderr.contains("needs a restart"), "{stderr}");
+    }
+    let after = m.status().unwrap();
+    assert_eq!(pids(&after), before, "{after}");
+    assert_eq!(after["apps"][0]["generation"], 0, "{after}");
+}
