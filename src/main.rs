@@ -312,6 +312,9 @@ fn print_status(data: &serde_json::Value) {
             };
             let note = match s["restart_in_ms"].as_u64() {
                 Some(ms) => format!("restarts in {:.1}s{after}", ms as f64 / 1000.0),
+                None if app["removed"].as_bool() == Some(true) => {
+                    "gone from the config file; back in it, `processes reload` starts it".into()
+                }
                 None if stopped => format!(
                     "stopped by `processes stop`; `processes start {}` starts it",
                     text(&app["name"])

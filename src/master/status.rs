@@ -419,6 +419,7 @@ impl Master {
             // started again (then `target` workers).
             "desired": if p.stopping { 0 } else { p.target },
             "stopped": p.stopping,
+            "removed": self.removed.contains(&i),
             "min": lo,
             "max": hi,
             "dispatch": p.spec.dispatch().as_str(),

@@ -685,6 +685,11 @@ fn apps_added_to_or_removed_from_the_config_file_start_and_stop() {
         stdout.contains("reload done: 1 worker replaced"),
         "{stdout}"
     );
+    let (_, text, _) = cli(&m, &["status", "b"]);
+    assert!(
+        text.contains("gone from the config file; back in it"),
+        "{text}"
+    );
     let s = m.wait_status("b stopped", |s| {
         s["apps"][1]["stopped"] == true && s["apps"][1]["workers"].as_array().unwrap().is_empty()
     });
