@@ -685,15 +685,23 @@ fn apps_added_to_or_removed_from_the_config_file_start_and_stop() {
         stdout.contains("reload done: 1 worker replaced"),
         "{stdout}"
     );
+    let s = m.wait_status("b stopped", |s| {
+        s["apps"][1]["stopped"] == true && s["apps"][1]["workers"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(s["apps"][0]["ready"], 1, "{s}");
+    assert_eq!(s["apps"][1]["removed"], true, "{s}");
     let (_, text, _) = cli(&m, &["status", "b"]);
     assert!(
         text.contains("gone from the config file; back in it"),
         "{text}"
     );
-    let s = m.wait_status("b stopped", |s| {
-        s["apps"][1]["stopped"] == true && s["apps"][1]["workers"].as_array().unwrap().is_empty()
-    });
-    assert_eq!(s["apps"][0]["ready"], 1, "{s}");
+    // Gone means gone: it is not started by hand, only by coming back to the file.
+    let (code, _, stderr) = cli(&m, &["start", "b"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("b is gone from the config file and stopped"),
+        "{stderr}"
+    );
     // SIGHUP works too.
     kill(m.pid(), libc::SIGHUP);
     m.wait_logs("a: reload done, 1/1", 2);
