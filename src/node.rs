@@ -151,10 +151,14 @@ pub fn recognise(line: &[u8]) -> Option<FromWorker> {
 }
 
 /// A line that can only be a user message: every message the master reads has a `"cmd"`
-/// key, except `"ready"`. Such a line is checked to be JSON without building a value (a
+/// key, except `"ready"`; a line with `\u` escapes is left to the full parse. Such a line is checked to be JSON without building a value (a
 /// worker sending megabyte arrays costs the loop a scan, not the allocations).
 pub fn user_line(line: &[u8]) -> Option<Result<FromWorker, serde_json::Error>> {
-    if line.windows(5).any(|w| w == br#""cmd""#) || line.trim_ascii() == br#""ready""# {
+    // A key may be written with escapes (`"\u0063md"`): such a line gets the full parse.
+    if line.windows(5).any(|w| w == br#""cmd""#)
+        || line.windows(2).any(|w| w == br"\u")
+        || line.trim_ascii() == br#""ready""#
+    {
         return None;
     }
     Some(serde_json::from_slice::<serde::de::IgnoredAny>(line).map(|_| user(line)))
@@ -426,11 +430,13 @@ mod tests {
         /// exactly when the parser says so, and never a message the master acts on.
         #[test]
         fn user_lines_are_what_the_parser_calls_user_messages(
-            line in r#"[ -~]{0,40}|"ready"|\{"cmd":"[A-Z_]{0,16}"\}|\[[0-9,]{0,20}\]|\{"a":"[a-z]{0,8}"\}"#,
+            line in r#"[ -~]{0,40}|"ready"|\{"cmd":"[A-Z_]{0,16}"\}|\{"\\u0063md":"NODE_HANDLE_ACK"\}|\[[0-9,]{0,20}\]|\{"a":"[a-z]{0,8}"\}"#,
         ) {
             let parsed = serde_json::from_str::<Value>(&line);
             match user_line(line.as_bytes()) {
-                None => proptest::prop_assert!(line.contains(r#""cmd""#) || line.trim() == r#""ready""#),
+                None => proptest::prop_assert!(
+                    line.contains(r#""cmd""#) || line.contains("\\u") || line.trim() == r#""ready""#
+                ),
                 Some(Err(_)) => proptest::prop_assert!(parsed.is_err(), "{}", line),
                 Some(Ok(fast)) => {
                     let v = parsed.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{line}: {e}")))?;
