@@ -1703,7 +1703,17 @@ impl Master {
                 );
             } else {
                 record::scale(pool.spec.name.as_str(), before, now, "signal");
-                info!("{}: {before} → {now} workers (by hand)", pool.spec.name);
+                let note = match pool.spec.sizing {
+                    crate::config::Sizing::Auto { .. } => {
+                        "; autoscaling sizes this app and may change it again \
+                         (`processes scale APP N` fixes the size)"
+                    }
+                    crate::config::Sizing::Fixed(_) => "",
+                };
+                info!(
+                    "{}: {before} → {now} workers (by hand){note}",
+                    pool.spec.name
+                );
             }
         }
     }

@@ -194,6 +194,8 @@ fn a_crash_in_an_autoscaled_pool_is_restarted_not_scaled_away() {
     );
     m.wait_ready(1);
     m.signal(libc::SIGTTIN);
+    // By hand on an autoscaled app: the log says the controller may change it again.
+    m.wait_log("web: 1 → 2 workers (by hand); autoscaling sizes this app");
     let s = m.wait_ready(2);
     let victim = pids(&s)[0];
     kill(victim, libc::SIGKILL);
