@@ -731,18 +731,20 @@ pub(super) fn close_conn(c: ConnInFlight) {
     drop(c);
 }
 
+/// A unix socket path as a worker running in the app's `cwd` means it: relative to that
+/// directory (the master's own when the app sets none).
+fn worker_path(asked: &std::path::Path, cwd: Option<&std::path::Path>) -> std::path::PathBuf {
+    cwd.map_or_else(|| asked.to_path_buf(), |dir| dir.join(asked))
+}
+
 /// Whether the unix socket path `asked` (by a worker running in `cwd`) names `bound`.
 fn same_path(bound: &std::path::Path, asked: &str, cwd: Option<&std::path::Path>) -> bool {
-    let asked = std::path::Path::new(asked);
+    let asked = worker_path(std::path::Path::new(asked), cwd);
     if bound == asked {
         return true;
     }
-    // The master bound its path from its own directory; the worker runs in `cwd`.
-    let Ok(here) = std::env::current_dir() else {
-        return false;
-    };
-    let worker_dir = cwd.map_or(here.clone(), |d| here.join(d));
-    worker_dir.join(asked) == here.join(bound)
+    // The master bound its path from its own directory.
+    std::env::current_dir().is_ok_and(|here| here.join(asked) == here.join(bound))
 }
 
 /// Binds what a Node worker asked for: `null` means every address (`::`, dual-stack, as
@@ -755,12 +757,8 @@ fn bind_for_node(
     let port = u16::try_from(q.port.max(0)).unwrap_or(0);
     let fd_and_addr = match q.address_type {
         AddressType::Pipe => {
-            // The worker named it from its own directory, the app's `cwd`.
-            let asked = std::path::PathBuf::from(q.address.clone().unwrap_or_default());
-            let path = match cwd {
-                Some(dir) if asked.is_relative() => dir.join(asked),
-                _ => asked,
-            };
+            let asked = q.address.as_deref().unwrap_or_default();
+            let path = worker_path(std::path::Path::new(asked), cwd);
             let fd = sockets::bind_unix(&path)?;
             (fd, ListenAddr::Unix(path), false)
         }
