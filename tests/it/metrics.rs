@@ -750,20 +750,9 @@ fn a_real_prometheus_scrapes_the_master() {
     }
 }
 
-/// Where the master says its metrics endpoint is (`metrics on http://ADDR/metrics`).
-fn metrics_addr(m: &Master) -> String {
-    let line = m.wait_log("metrics on http://127.0.0.1:");
-    line.rsplit("http://")
-        .next()
-        .and_then(|u| u.strip_suffix("/metrics"))
-        .expect("an address in the log line")
-        .to_string()
-}
-
-/// `--metrics 127.0.0.1:0`: the master says where the OS put the endpoint, and it answers
-/// there.
-#[test]
-fn metrics_on_port_zero_are_logged_where_they_listen() {
+/// A master of one fixture worker with `--metrics 127.0.0.1:0`, and where it says its
+/// metrics endpoint is (`metrics on http://ADDR/metrics`).
+fn run_with_metrics_on_port_zero() -> (Master, String) {
     let m = run(&[
         "-i",
         "1",
@@ -774,7 +763,21 @@ fn metrics_on_port_zero_are_logged_where_they_listen() {
         "--",
         FIXTURE,
     ]);
-    let addr = metrics_addr(&m);
+    let line = m.wait_log("metrics on http://127.0.0.1:");
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("an address in the log line")
+        .to_string();
+    (m, addr)
+}
+
+/// `--metrics 127.0.0.1:0`: the master says where the OS put the endpoint, and it answers
+/// there.
+#[test]
+fn metrics_on_port_zero_are_logged_where_they_listen() {
+    let (m, addr) = run_with_metrics_on_port_zero();
     m.wait_ready(1);
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -791,17 +794,7 @@ fn metrics_on_port_zero_are_logged_where_they_listen() {
 /// scrapes are answered again.
 #[test]
 fn idle_connections_to_the_metrics_port_are_bounded() {
-    let m = run(&[
-        "-i",
-        "1",
-        "--ready-after",
-        "50ms",
-        "--metrics",
-        "127.0.0.1:0",
-        "--",
-        FIXTURE,
-    ]);
-    let addr = metrics_addr(&m);
+    let (m, addr) = run_with_metrics_on_port_zero();
     m.wait_ready(1);
     let fds = || {
         std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
