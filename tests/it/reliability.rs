@@ -925,10 +925,14 @@ fn a_crash_looping_app_costs_the_master_little_and_spares_the_others() {
             );
             if let Some(next) = starts.iter().find(|t| **t > at) {
                 let gap = *next - at;
-                // 1 ms for the log's timestamps, 0.5 ms for the delay as logged (`312ms`
-                // is 311.5–312.5 ms).
+                // The delay counts from when the master reaped the exit; the exit's log line
+                // is written after that, later still for the second of several exits reaped
+                // together (a clean-clone run saw one logged 1.9 ms late on a loaded
+                // machine). 5 ms covers that, the log's timestamps and the delay as logged
+                // (`312ms` is 311.5–312.5 ms); a restart that ignored its delay would be
+                // tens of ms early.
                 assert!(
-                    gap + Duration::from_micros(1500) >= delay,
+                    gap + Duration::from_millis(5) >= delay,
                     "{line}: restarted after {gap:?}"
                 );
                 worst_late = worst_late.max(gap.saturating_sub(delay));
